@@ -1,0 +1,1 @@
+"""Pure-torch compression math: no Lightning, no Hydra."""
