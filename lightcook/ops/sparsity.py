@@ -1,0 +1,488 @@
+"""N:M and unstructured sparsity math for Linear weights, in pure torch.
+
+Weights are ``nn.Linear`` weights of shape ``(out, in)``. N:M groups run along the
+input dim: each row is cut into consecutive groups of ``m`` elements, of which ``n``
+are kept. Every function here is vectorised over groups and blocks.
+
+Contents:
+    masks: :func:`nm_mask`, :func:`nm_mask_transposable`, :func:`unstructured_mask`,
+        :func:`global_unstructured_masks`, :func:`ramp_mask`, :func:`is_nm`.
+    scores: :func:`wanda_scores`, :class:`InputNormAccumulator`.
+    storage: :func:`pack_nm`, :func:`unpack_nm`, :func:`nm_index_bits`, :func:`nm_storage_bytes`.
+    training: :func:`sr_ste`, :func:`apply_mask_`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MAX_TRANSPOSABLE_M",
+    "InputNormAccumulator",
+    "apply_mask_",
+    "global_unstructured_masks",
+    "is_nm",
+    "nm_index_bits",
+    "nm_mask",
+    "nm_mask_transposable",
+    "nm_storage_bytes",
+    "pack_nm",
+    "ramp_mask",
+    "sr_ste",
+    "unpack_nm",
+    "unstructured_mask",
+    "wanda_scores",
+]
+
+MAX_TRANSPOSABLE_M = 4
+"""Largest ``m`` for :func:`nm_mask_transposable`: the pattern table explodes beyond it."""
+
+_MAX_PACK_M = 16  # 4-bit position codes
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_nm(n: int, m: int) -> None:
+    if m < 2 or not 1 <= n < m:
+        raise ValueError(f"N:M sparsity needs 1 <= n < m, got n={n}, m={m}")
+
+
+def _check_2d(name: str, t: Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (out, in), got shape {tuple(t.shape)}")
+
+
+def _check_in_features(in_features: int, m: int) -> None:
+    if in_features % m != 0:
+        raise ValueError(f"in-features ({in_features}) must be divisible by m ({m}) for N:M sparsity")
+
+
+def _check_same_shape(a: Tensor, b: Tensor, what: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+
+
+# --------------------------------------------------------------------------- N:M masks
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive inputs.
+
+    Args:
+        scores: importance scores, shape ``(out, in)``; higher is kept.
+        n: kept elements per group.
+        m: group size along dim 1.
+
+    Returns:
+        Bool mask of shape ``(out, in)`` with exactly ``n`` True per group. Ties are
+        broken deterministically by ``torch.topk``.
+
+    Example:
+        >>> nm_mask(torch.tensor([[4.0, 1.0, 3.0, 2.0]]), 2, 4)
+        tensor([[ True, False,  True, False]])
+    """
+    _check_nm(n, m)
+    _check_2d("scores", scores)
+    out_f, in_f = scores.shape
+    _check_in_features(in_f, m)
+    groups = scores.reshape(out_f, in_f // m, m)  # (out, G, m)
+    top = groups.topk(n, dim=-1).indices  # (out, G, n)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return mask.reshape(out_f, in_f)
+
+
+def is_nm(mask: Tensor, n: int, m: int) -> bool:
+    """Whether a 2-D bool mask keeps exactly ``n`` of every ``m`` consecutive inputs.
+
+    Example:
+        >>> is_nm(torch.tensor([[True, False, True, False]]), 2, 4)
+        True
+    """
+    if mask.dim() != 2 or mask.shape[1] % m != 0:
+        return False
+    counts = mask.reshape(mask.shape[0], -1, m).sum(-1)  # (out, G)
+    return bool((counts == n).all())
+
+
+@functools.lru_cache(maxsize=32)
+def _transposable_patterns(n: int, m: int, device: torch.device) -> Tensor:
+    """All m x m 0/1 matrices with ``n`` ones per row and column, shape ``(P, m*m)``.
+
+    Built once per ``(n, m, device)``: 90 patterns for 2:4, 24 for 1:4.
+    """
+    rows = [[1 if j in c else 0 for j in range(m)] for c in itertools.combinations(range(m), n)]
+    table = torch.tensor(list(itertools.product(rows, repeat=m)), dtype=torch.float32)  # (R^m, m, m)
+    valid = (table.sum(1) == n).all(-1)  # column sums; row sums hold by construction
+    return table[valid].reshape(-1, m * m).to(device)  # (P, m*m)
+
+
+def nm_mask_transposable(scores: Tensor, n: int, m: int) -> Tensor:
+    """Exact N:M mask whose transpose is also N:M (for sparse backward passes).
+
+    Every ``m x m`` block gets exactly ``n`` kept entries per row and per column,
+    choosing the pattern that maximises the kept score sum within the block. All
+    valid patterns are enumerated once and scored against every block with one
+    matmul, so ``m`` is limited to :data:`MAX_TRANSPOSABLE_M`.
+
+    Args:
+        scores: importance scores, shape ``(out, in)``; both dims divisible by ``m``.
+        n: kept elements per row and column of each block.
+        m: block size.
+
+    Returns:
+        Bool mask of shape ``(out, in)``.
+
+    Example:
+        >>> mask = nm_mask_transposable(torch.rand(8, 8), 2, 4)
+        >>> is_nm(mask, 2, 4) and is_nm(mask.T, 2, 4)
+        True
+    """
+    _check_nm(n, m)
+    if m > MAX_TRANSPOSABLE_M:
+        raise ValueError(
+            f"nm_mask_transposable supports m <= {MAX_TRANSPOSABLE_M}, got m={m}: the table of "
+            f"valid m x m patterns grows combinatorially (90 for 2:4, millions for 4:8)"
+        )
+    _check_2d("scores", scores)
+    out_f, in_f = scores.shape
+    if out_f % m or in_f % m:
+        raise ValueError(f"out-features ({out_f}) and in-features ({in_f}) must both be divisible by m ({m})")
+    patterns = _transposable_patterns(n, m, scores.device)  # (P, m*m)
+    work_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    blocks = scores.to(work_dtype).reshape(out_f // m, m, in_f // m, m).permute(0, 2, 1, 3)  # (Bo, Bi, m, m)
+    best = (blocks.reshape(-1, m * m) @ patterns.to(work_dtype).T).argmax(-1)  # (B,)
+    chosen = patterns[best].bool().reshape(out_f // m, in_f // m, m, m)  # (Bo, Bi, m, m)
+    return chosen.permute(0, 2, 1, 3).reshape(out_f, in_f)
+
+
+# --------------------------------------------------------------------------- unstructured
+
+
+def _drop_lowest(flat: Tensor, k: int) -> Tensor:
+    """Bool keep-mask over 1-D ``flat`` dropping exactly its ``k`` lowest entries.
+
+    Ties at the threshold are broken by position (earlier entries dropped first).
+    """
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return keep
+    if k >= flat.numel():
+        return ~keep
+    threshold = flat.kthvalue(k).values
+    below = flat < threshold
+    keep &= ~below
+    at = (flat == threshold).nonzero().squeeze(-1)  # positions tied at the threshold
+    keep[at[: k - int(below.sum())]] = False
+    return keep
+
+
+def unstructured_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Drop exactly ``round(sparsity * numel)`` lowest-scoring entries.
+
+    Args:
+        scores: importance scores, any shape.
+        sparsity: fraction to drop, in ``[0, 1)``.
+
+    Returns:
+        Bool mask shaped like ``scores``.
+
+    Example:
+        >>> unstructured_mask(torch.tensor([3.0, 1.0, 2.0, 4.0]), 0.5)
+        tensor([ True, False, False,  True])
+    """
+    _check_sparsity(sparsity)
+    k = round(sparsity * scores.numel())
+    return _drop_lowest(scores.reshape(-1), k).reshape(scores.shape)
+
+
+def global_unstructured_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Unstructured masks with one threshold shared by all tensors.
+
+    Exactly ``round(sparsity * total_numel)`` entries are dropped in total, so tensors
+    with small scores are pruned more than tensors with large ones.
+
+    Args:
+        scores: name -> score tensor (any shapes, same device).
+        sparsity: overall fraction to drop, in ``[0, 1)``.
+
+    Returns:
+        name -> bool mask shaped like the scores.
+
+    Example:
+        >>> masks = global_unstructured_masks({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([9.0, 8.0])}, 0.5)
+        >>> masks["a"].tolist(), masks["b"].tolist()
+        ([False, False], [True, True])
+    """
+    _check_sparsity(sparsity)
+    if not scores:
+        return {}
+    flats = [s.reshape(-1).float() for s in scores.values()]
+    total = sum(f.numel() for f in flats)
+    keep = _drop_lowest(torch.cat(flats), round(sparsity * total))
+    parts = keep.split([f.numel() for f in flats])
+    return {name: part.reshape(s.shape) for (name, s), part in zip(scores.items(), parts)}
+
+
+def ramp_mask(scores: Tensor, final_mask: Tensor, fraction: float) -> Tensor:
+    """Intermediate mask of a gradual pruning schedule.
+
+    Of the entries ``final_mask`` drops, drop only the ``round(fraction * num_dropped)``
+    lowest-scoring ones; everything else is kept. ``fraction=0`` keeps all,
+    ``fraction=1`` reproduces ``final_mask``.
+
+    Args:
+        scores: importance scores, any shape.
+        final_mask: bool mask at the end of the schedule, same shape.
+        fraction: schedule progress in ``[0, 1]``.
+
+    Returns:
+        Bool mask, a superset of ``final_mask``.
+
+    Example:
+        >>> final = torch.tensor([True, False, False, False])
+        >>> ramp_mask(torch.tensor([4.0, 1.0, 3.0, 2.0]), final, 0.5)
+        tensor([ True, False,  True, False])
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    _check_same_shape(scores, final_mask, "ramp_mask scores/final_mask")
+    dropped = ~final_mask.bool().reshape(-1)  # (numel,)
+    candidates = scores.reshape(-1)[dropped]  # (num_dropped,)
+    k = round(fraction * candidates.numel())
+    keep = torch.ones_like(dropped)
+    keep[dropped] = _drop_lowest(candidates, k)
+    return keep.reshape(scores.shape)
+
+
+# --------------------------------------------------------------------------- Wanda scores
+
+
+def wanda_scores(weight: Tensor, input_sq_norm: Tensor) -> Tensor:
+    """Wanda importance ``|W_ij| * ||X_j||_2`` (Sun et al. 2023), in float32.
+
+    Args:
+        weight: Linear weight, shape ``(out, in)``.
+        input_sq_norm: per-input-feature sum of squared activations, shape ``(in,)``
+            (see :class:`InputNormAccumulator`).
+
+    Returns:
+        Scores of shape ``(out, in)``.
+
+    Example:
+        >>> wanda_scores(torch.tensor([[-1.0, 2.0]]), torch.tensor([4.0, 1.0]))
+        tensor([[2., 2.]])
+    """
+    _check_2d("weight", weight)
+    if input_sq_norm.shape != (weight.shape[1],):
+        raise ValueError(
+            f"input_sq_norm must have shape ({weight.shape[1]},), got {tuple(input_sq_norm.shape)}"
+        )
+    return weight.detach().abs().float() * input_sq_norm.float().sqrt()  # (out, in) * (in,)
+
+
+class InputNormAccumulator:
+    """Running per-feature sum of squared inputs over all tokens, for Wanda.
+
+    The state lives in tensors (``sum_sq``, ``num_tokens``) so a distributed caller
+    can all-reduce them in place.
+
+    Example:
+        >>> acc = InputNormAccumulator(2)
+        >>> acc.add(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
+        >>> acc.sq_norm
+        tensor([10.,  4.])
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.in_features = in_features
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float32, device=device)  # (in,)
+        self.num_tokens = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, x: Tensor) -> None:
+        """Accumulate activations of shape ``(..., in)``."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(x.shape)}")
+        flat = x.detach().reshape(-1, self.in_features).to(self.sum_sq.device, torch.float32)  # (T, in)
+        self.sum_sq += flat.pow(2).sum(0)
+        self.num_tokens += flat.shape[0]
+
+    @property
+    def sq_norm(self) -> Tensor:
+        """Sum of squares per input feature, ``||X_j||_2^2``, shape ``(in,)``."""
+        return self.sum_sq
+
+    def reset(self) -> None:
+        """Zero the state."""
+        self.sum_sq.zero_()
+        self.num_tokens.zero_()
+
+
+# --------------------------------------------------------------------------- compact storage
+
+
+def nm_index_bits(m: int) -> int:
+    """Bits per stored position code: 2 for ``m <= 4``, 4 for ``m <= 16``.
+
+    Example:
+        >>> nm_index_bits(4), nm_index_bits(8)
+        (2, 4)
+    """
+    if not 2 <= m <= _MAX_PACK_M:
+        raise ValueError(f"packed N:M storage supports 2 <= m <= {_MAX_PACK_M}, got m={m}")
+    return 2 if m <= 4 else 4
+
+
+def nm_storage_bytes(out_features: int, in_features: int, n: int, m: int, dtype_bytes: int) -> int:
+    """Exact byte count of :func:`pack_nm` output (values + packed indices).
+
+    Example:
+        >>> nm_storage_bytes(1, 576, 2, 4, 2) / (576 * 2)
+        0.5625
+    """
+    _check_nm(n, m)
+    _check_in_features(in_features, m)
+    kept = in_features // m * n
+    codes_per_byte = 8 // nm_index_bits(m)
+    return out_features * (kept * dtype_bytes + math.ceil(kept / codes_per_byte))
+
+
+def pack_nm(weight: Tensor, mask: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
+    """Pack an N:M sparse weight into kept values plus bit-packed in-group positions.
+
+    Position codes (0..m-1) use :func:`nm_index_bits` bits each and are packed
+    little-endian: code ``j`` of a byte occupies bits ``[j*b, (j+1)*b)``. Rows are
+    zero-padded to whole bytes.
+
+    Args:
+        weight: dense weight, shape ``(out, in)``.
+        mask: bool mask with exactly ``n`` True per group of ``m``.
+        n: kept per group.
+        m: group size (at most 16).
+
+    Returns:
+        ``values`` of shape ``(out, in // m * n)`` in ``weight.dtype`` and ``indices``
+        uint8 of shape ``(out, ceil(in // m * n * bits / 8))``.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+        >>> pack_nm(w, torch.tensor([[False, True, False, True]]), 2, 4)
+        (tensor([[2., 4.]]), tensor([[13]], dtype=torch.uint8))
+    """
+    _check_nm(n, m)
+    bits = nm_index_bits(m)
+    _check_2d("weight", weight)
+    _check_same_shape(weight, mask, "pack_nm weight/mask")
+    _check_in_features(weight.shape[1], m)
+    if not is_nm(mask, n, m):
+        raise ValueError(f"mask is not {n}:{m}: every group of {m} must keep exactly {n}")
+    out_f, in_f = weight.shape
+    groups = mask.reshape(out_f, in_f // m, m).to(torch.uint8)  # (out, G, m)
+    pos = groups.sort(dim=-1, descending=True, stable=True).indices[..., :n]  # (out, G, n), ascending
+    values = weight.reshape(out_f, in_f // m, m).gather(-1, pos).reshape(out_f, -1)  # (out, G*n)
+    return values, _pack_codes(pos.reshape(out_f, -1), bits)
+
+
+def unpack_nm(values: Tensor, indices: Tensor, n: int, m: int, in_features: int) -> Tensor:
+    """Rebuild the dense weight from :func:`pack_nm` output (exact inverse).
+
+    Example:
+        >>> unpack_nm(torch.tensor([[2.0, 4.0]]), torch.tensor([[13]], dtype=torch.uint8), 2, 4, 4)
+        tensor([[0., 2., 0., 4.]])
+    """
+    _check_nm(n, m)
+    bits = nm_index_bits(m)
+    _check_in_features(in_features, m)
+    out_f, kept = values.shape
+    if kept != in_features // m * n:
+        raise ValueError(
+            f"values have {kept} columns, expected in_features // m * n = {in_features // m * n}"
+        )
+    pos = _unpack_codes(indices, bits, kept).reshape(out_f, -1, n)  # (out, G, n)
+    dense = values.new_zeros(out_f, in_features // m, m)  # (out, G, m)
+    dense.scatter_(-1, pos, values.reshape(out_f, -1, n))
+    return dense.reshape(out_f, in_features)
+
+
+def _pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Pack ``(rows, L)`` small ints into uint8, ``8 // bits`` per byte, little-endian."""
+    per = 8 // bits
+    rows, length = codes.shape
+    padded = codes.new_zeros(rows, math.ceil(length / per) * per, dtype=torch.int32)
+    padded[:, :length] = codes
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits  # (per,)
+    return (padded.reshape(rows, -1, per) << shifts).sum(-1).to(torch.uint8)  # (rows, ceil(L/per))
+
+
+def _unpack_codes(packed: Tensor, bits: int, length: int) -> Tensor:
+    """Inverse of :func:`_pack_codes`: ``(rows, bytes)`` uint8 -> ``(rows, length)`` int64."""
+    per = 8 // bits
+    if packed.shape[1] != math.ceil(length / per):
+        raise ValueError(f"indices have {packed.shape[1]} bytes per row, expected {math.ceil(length / per)}")
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits  # (per,)
+    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (rows, bytes, per)
+    return codes.reshape(packed.shape[0], -1)[:, :length].long()
+
+
+# --------------------------------------------------------------------------- training
+
+
+class _SRSTE(torch.autograd.Function):
+    """Sparse-refined straight-through estimator (Zhou et al. 2021)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, mask: Tensor, decay: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        weight, mask = ctx.saved_tensors
+        return grad + ctx.decay * (~mask) * weight, None, None
+
+
+def sr_ste(weight: Tensor, mask: Tensor, decay: float) -> Tensor:
+    """Masked weight whose gradient is ``grad + decay * (~mask) * weight`` (SR-STE).
+
+    The dense weight receives the full straight-through gradient of the sparse
+    weight, and pruned entries additionally decay towards zero (Zhou et al. 2021,
+    "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch").
+
+    Args:
+        weight: dense weight, any shape.
+        mask: bool mask, same shape.
+        decay: sparse-refined decay ``lambda_W``.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> sr_ste(w, torch.tensor([True, False]), 0.5).sum().backward()
+        >>> w.grad
+        tensor([1., 2.])
+    """
+    _check_same_shape(weight, mask, "sr_ste weight/mask")
+    return _SRSTE.apply(weight, mask.bool(), decay)
+
+
+def apply_mask_(weight: Tensor, mask: Tensor) -> None:
+    """Zero the entries of ``weight`` where ``mask`` is False, in place (no autograd).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> apply_mask_(w, torch.tensor([True, False]))
+        >>> w.data
+        tensor([1., 0.])
+    """
+    _check_same_shape(weight, mask, "apply_mask_ weight/mask")
+    with torch.no_grad():
+        weight.masked_fill_(~mask.bool(), 0)
