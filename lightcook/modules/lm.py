@@ -72,6 +72,7 @@ class LMModule(LightningModule):
                 f"model={'set' if model is not None else None})"
             )
         self.model = model if model is not None else self._build_model(name_or_path, config)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
         self.model_name = name_or_path or (config or {}).get("model_type") or type(model).__name__
         self.tokenizer_name = tokenizer or name_or_path
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)

@@ -73,3 +73,8 @@ def test_weight_decay_only_on_matrices(tmp_path):
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.ndim < 2 for p in plain["params"])
+
+
+def test_network_starts_in_training_mode():
+    # from_pretrained returns eval mode and Lightning keeps the mode it finds: dropout would be off
+    assert CausalLMModule(config={**TINY_LLAMA, "attention_dropout": 0.1}).model.training
