@@ -75,6 +75,8 @@ def test_weight_decay_only_on_matrices(tmp_path):
     assert plain["weight_decay"] == 0.0 and all(p.ndim < 2 for p in plain["params"])
 
 
-def test_network_starts_in_training_mode():
-    # from_pretrained returns eval mode and Lightning keeps the mode it finds: dropout would be off
-    assert CausalLMModule(config={**TINY_LLAMA, "attention_dropout": 0.1}).model.training
+def test_pretrained_network_starts_in_training_mode(tmp_path):
+    # from_pretrained returns eval mode and Lightning keeps the mode it finds: dropout would stay off
+    CausalLMModule(config=TINY_LLAMA).model.save_pretrained(tmp_path)
+    module = CausalLMModule(name_or_path=str(tmp_path))
+    assert module.model.training and all(m.training for m in module.model.modules())
