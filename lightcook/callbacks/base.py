@@ -145,6 +145,10 @@ class CompressionCallback(Callback):
 
     #: Prefix for error messages and config keys (``compress.<config_key>``).
     config_key: str = "compress"
+    #: Position in the canonical order in which structural changes are applied, whatever the order of
+    #: ``Trainer(callbacks=[...])`` or of ``+compress=[...]``: MoEfication split (10) → structured-pruning
+    #: gates (20) → N:M / unstructured masks (30) → fake-quant wrap (40) → distillation wrap (50).
+    order: int = 100
 
     def __init__(
         self, targets: Sequence[str] | None = None, exclude: Sequence[str] = (), name: str | None = None
@@ -176,6 +180,12 @@ class CompressionCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # The first compression callback to reach setup prepares all of them, in canonical order.
+        for callback in compression_callbacks(trainer.callbacks):
+            callback.prepare_once(trainer, pl_module)
+
+    def prepare_once(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Run :meth:`prepare_model` unless it already ran for this LightningModule."""
         if self._prepared_model != id(pl_module):
             self.prepare_model(trainer, pl_module)
             self._prepared_model = id(pl_module)
@@ -210,6 +220,11 @@ class CompressionCallback(Callback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+
+
+def compression_callbacks(callbacks: Sequence[Callback]) -> list[CompressionCallback]:
+    """The compression callbacks among ``callbacks``, sorted into the canonical order (stable)."""
+    return sorted((c for c in callbacks if isinstance(c, CompressionCallback)), key=lambda c: c.order)
 
 
 def target_model(pl_module: nn.Module) -> nn.Module:

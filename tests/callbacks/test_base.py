@@ -112,3 +112,28 @@ def test_prepare_once_and_hook_every_optimizer_step(tmp_path):
     assert cb.prepared == 1
     assert cb.steps == 3 == trainer.global_step  # optimizer steps, not batches (6 batches ran)
     assert not cb._hook_handles  # removed at teardown
+
+
+class _Recorder(CompressionCallback):
+    log: list = []
+
+    def __init__(self, label, order):
+        super().__init__(name=label)
+        self.label, self.order = label, order
+
+    def prepare_model(self, trainer, pl_module):
+        _Recorder.log.append(self.label)
+
+
+@pytest.mark.parametrize("listed", [["quant", "moe", "kd"], ["kd", "quant", "moe"]])
+def test_structural_changes_follow_canonical_order_not_list_order(tmp_path, listed):
+    orders = {"moe": 10, "quant": 40, "kd": 50}
+    _Recorder.log = []
+    callbacks = [_Recorder(label, orders[label]) for label in listed]
+    trainer = Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    from torch.utils.data import DataLoader
+
+    from tests.conftest import random_batch
+
+    trainer.validate(CausalLMModule(config=TINY_LLAMA), DataLoader([random_batch()], batch_size=None), verbose=False)
+    assert _Recorder.log == ["moe", "quant", "kd"]
