@@ -1,5 +1,6 @@
 """The Hydra app end to end: composition of every config option, tiny runs, resume, multirun, W&B, DDP."""
 
+import csv
 import json
 import os
 import subprocess
@@ -75,6 +76,9 @@ def test_resume_continues_from_last_checkpoint(compose, tmp_path):
     second = train(compose("model=tiny_llama", "trainer=fast", "trainer.max_steps=6", f"paths.run_dir={run_dir}"))
     assert second["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert second["train_steps"] == 6
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    logged = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+    assert logged[:4] == [0, 1, 2, 3] and len(logged) == 6  # rows from before the resume are kept
 
 
 @pytest.mark.parametrize(
