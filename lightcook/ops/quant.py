@@ -757,9 +757,13 @@ def int8_linear(
 
 
 def _int8_incompatibility(spec: QuantSpec, act: ActivationQuantizer) -> str | None:
-    """Why a (weight spec, activation quantizer) pair cannot run as W8A8 integers, or None."""
-    if spec.bits != 8 or not spec.symmetric or spec.granularity == "group":
-        return f"weights must be symmetric 8-bit per-tensor or per-channel, got {spec}"
+    """Why a (weight spec, activation quantizer) pair cannot run on the int8 kernel, or None.
+
+    Symmetric 4- and 2-bit weight codes are int8 values too, so W4A8 and W2A8 per-tensor/channel
+    layers run the same kernel as W8A8 (and agree exactly with the exported :class:`Int8Linear`).
+    """
+    if not spec.symmetric or spec.granularity == "group":
+        return f"weights must be symmetric per-tensor or per-channel (8, 4 or 2 bits), got {spec}"
     if act.mode not in ("dynamic", "static") or act.bits != 8:
         return f"activations must be 8-bit 'dynamic' or 'static', got mode={act.mode!r} bits={act.bits}"
     return None
@@ -776,9 +780,9 @@ class QuantLinear(nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input, for quantization-aware training.
 
     ``forward(x) = F.linear(input_quantizer(x), weight_quantizer(weight), bias)``. With
-    gradients disabled and a W8A8-compatible setup (symmetric 8-bit per-tensor/channel
-    weights, 8-bit dynamic or static activations, not calibrating) it instead runs the
-    integer path of :class:`Int8Linear`, giving bit-identical outputs to it.
+    gradients disabled and an int8-kernel-compatible setup (symmetric per-tensor/channel
+    weights of 8, 4 or 2 bits, 8-bit dynamic or static activations, not calibrating) it
+    instead runs the integer path of :class:`Int8Linear`, giving bit-identical outputs to it.
 
     Example:
         >>> lin = nn.Linear(8, 4)
@@ -835,7 +839,7 @@ class QuantLinear(nn.Linear):
         return q.train(linear.training)
 
     def int8_path_enabled(self) -> bool:
-        """Whether forward runs the exact integer path (gradients off, W8A8-compatible, not calibrating)."""
+        """Whether forward runs the exact integer path (gradients off, int8-compatible, not calibrating)."""
         return (
             not torch.is_grad_enabled()
             and not self.input_quantizer.calibrating
@@ -895,7 +899,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_quant_linear(cls, q: QuantLinear) -> Int8Linear:
-        """Freeze a W8A8-compatible :class:`QuantLinear` into integer buffers."""
+        """Freeze an int8-compatible :class:`QuantLinear` (W8A8, W4A8, W2A8) into integer buffers."""
         reason = _int8_incompatibility(q.weight_quantizer.spec, q.input_quantizer)
         if reason is not None:
             raise ValueError(f"cannot convert to Int8Linear: {reason}; use DequantLinear instead")

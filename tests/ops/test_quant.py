@@ -493,8 +493,10 @@ def _calibrate(q: QuantLinear, *xs: torch.Tensor) -> None:
 @pytest.mark.parametrize("act_mode", ["dynamic", "static"])
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])
 @pytest.mark.parametrize("method", ["absmax", "lsq", "pact", "dynamic"])
-def test_int8_linear_bit_exact_with_quant_linear(act_mode, granularity, method):
-    q = QuantLinear.from_linear(_linear(48, 20, seed=22), QuantSpec(8, granularity), method, act_mode, 8)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_int8_linear_bit_exact_with_quant_linear(act_mode, granularity, method, bits):
+    spec = QuantSpec(bits, granularity)
+    q = QuantLinear.from_linear(_linear(48, 20, seed=22), spec, method, act_mode, 8)
     x = _randn(2, 7, 48, seed=23)
     if act_mode == "static":
         _calibrate(q, x, 0.5 * x)
@@ -533,7 +535,7 @@ def test_int8_linear_rejects_incompatible_layers():
     lin = _linear(32, 8)
     for spec, act_mode, act_bits in [
         (QuantSpec(8, "group", 16), "dynamic", 8),
-        (QuantSpec(4, "channel"), "dynamic", 8),
+        (QuantSpec(4, "group", 16), "dynamic", 8),
         (QuantSpec(8, "channel", symmetric=False), "dynamic", 8),
         (QuantSpec(8, "channel"), "none", 8),
         (QuantSpec(8, "channel"), "dynamic", 4),

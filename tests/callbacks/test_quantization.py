@@ -1,0 +1,352 @@
+"""QuantizationCallback in real Lightning runs: module swaps, learned scales in the optimizer, static
+calibration against a reference measured here, GPT-2 Conv1D, resume, DDP, misconfiguration, the app."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightcook.app import train
+from lightcook.callbacks.quantization import QuantizationCallback
+from lightcook.export.quantized import load_quantized
+from lightcook.modules import CausalLMModule
+from lightcook.ops.quant import Int8Linear, QuantLinear, QuantSpec
+
+VOCAB = 256
+TINY = {
+    "llama": {
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    },
+    "gpt2": {
+        "model_type": "gpt2",
+        "vocab_size": VOCAB,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": 64,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    },
+}
+LLAMA_TARGETS = 2 * 7  # q, k, v, o, gate, up, down per layer
+
+
+def tiny_module(kind: str = "llama", seed: int = 0) -> CausalLMModule:
+    torch.manual_seed(seed)
+    return CausalLMModule(config=TINY[kind], tokenizer=None, lr=1e-2)
+
+
+def token_loader(batches: int = 4, batch_size: int = 2, seq: int = 16, seed: int = 0) -> DataLoader:
+    ids = torch.randint(0, VOCAB, (batches * batch_size, seq), generator=torch.Generator().manual_seed(seed))
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+    return DataLoader(rows, batch_size=batch_size, shuffle=False)
+
+
+def make_trainer(root: Path, callbacks: list, **kwargs) -> L.Trainer:
+    settings = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 3,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    return L.Trainer(default_root_dir=root, callbacks=callbacks, **{**settings, **kwargs})
+
+
+def fit(root: Path, cb: QuantizationCallback, module=None, loader=None, **kwargs):
+    module = module or tiny_module()
+    trainer = make_trainer(root, [cb], **kwargs)
+    trainer.fit(module, loader or token_loader())
+    return module, trainer
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_block_linears_swapped_reusing_parameters(tmp_path):
+    module = tiny_module()
+    before = {
+        n: (m.weight, m.bias) for n, m in module.model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    cb = QuantizationCallback(export_dir=None)
+    fit(tmp_path, cb, module, max_steps=1)
+    swapped = {n: m for n, m in module.model.named_modules() if isinstance(m, QuantLinear)}
+    assert sorted(swapped) == sorted(cb.quantized_modules) and len(swapped) == LLAMA_TARGETS
+    assert all(swapped[n].weight is before[n][0] and swapped[n].bias is before[n][1] for n in swapped)
+    assert type(module.model.lm_head) is torch.nn.Linear  # the LM head stays float by default
+    assert type(module.model.model.embed_tokens) is torch.nn.Embedding
+    q = swapped["model.layers.0.mlp.up_proj"]
+    assert (
+        q.weight_quantizer.spec == QuantSpec(8, "channel", 128, True) and q.input_quantizer.mode == "dynamic"
+    )
+
+
+@pytest.mark.parametrize(("method", "attr"), [("lsq", "step"), ("pact", "alpha"), ("dynamic", "gamma")])
+def test_learned_scales_reach_the_optimizer_and_move(tmp_path, method, attr):
+    module = tiny_module()
+    cb = QuantizationCallback(bits=4, method=method, export_dir=None)
+    trainer = make_trainer(tmp_path, [cb])
+    cb.setup(trainer, module, "fit")  # what Trainer.fit does first; fit below does not swap again
+    scales = {n: getattr(q.weight_quantizer, attr) for n, q in cb.quantized_modules.items()}
+    initial = {n: p.detach().clone() for n, p in scales.items()}
+    assert all(p._no_weight_decay and p.requires_grad for p in scales.values())
+    trainer.fit(module, token_loader())
+    groups = trainer.optimizers[0].param_groups
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert all(id(p) in no_decay for p in scales.values())
+    moved = [n for n, p in scales.items() if not torch.equal(p.detach(), initial[n])]
+    assert len(moved) == LLAMA_TARGETS
+
+
+def test_gpt2_conv1d_becomes_an_equivalent_linear(tmp_path):
+    module = tiny_module("gpt2")
+    convs = {n: m for n, m in module.model.named_modules() if type(m).__name__ == "Conv1D"}
+    originals = {n: (m.weight.detach().clone(), m) for n, m in convs.items()}
+    cb = QuantizationCallback(bits=4, method="lsq")
+    cb.prepare_model(None, module)
+    assert sorted(cb.quantized_modules) == sorted(convs) and len(convs) == 2 * 4
+    for name, q in cb.quantized_modules.items():
+        weight, conv = originals[name]
+        x = torch.randn(3, q.in_features)
+        assert torch.equal(q.weight.detach(), weight.t()) and q.bias is conv.bias
+        torch.testing.assert_close(F.linear(x, q.weight, q.bias), conv(x))
+    fit(tmp_path, cb, module, max_steps=2)  # trains and exports through the converted layers
+    loaded = load_quantized(cb.exports["quantized"])
+    ids = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, module.model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lm_head_can_be_targeted_explicitly(tmp_path):
+    module = tiny_module()
+    cb = QuantizationCallback(targets=["re:.*layers.*", "lm_head"], export_dir=None)
+    cb.prepare_model(None, module)
+    assert isinstance(module.model.lm_head, QuantLinear) and len(cb.quantized_modules) == LLAMA_TARGETS + 1
+    # still tied to the embedding, which stays float
+    assert module.model.lm_head.weight is module.model.model.embed_tokens.weight
+
+
+# --------------------------------------------------------------------------- static calibration
+
+
+def test_static_calibration_once_on_train_data_matches_reference(tmp_path):
+    train_loader, val_loader = token_loader(4, seed=1), token_loader(2, seed=2)
+    # Reference: layer 0's q/k/v inputs do not depend on any quantized layer: max |input_layernorm(x)|
+    # over the first 3 training batches, measured on the float model.
+    reference_model, seen = tiny_module().model.eval(), []
+    norm = reference_model.model.layers[0].input_layernorm
+    norm.register_forward_hook(lambda _m, _a, out: seen.append(out.abs().max()))
+    with torch.no_grad():
+        for batch in list(train_loader)[:3]:
+            reference_model(**batch)
+    module = tiny_module()
+    cb = QuantizationCallback(activations="static", calibration_batches=3, export_dir=None)
+    trainer = make_trainer(tmp_path, [cb], limit_val_batches=1, val_check_interval=1, num_sanity_val_steps=1)
+    trainer.fit(module, train_loader, val_loader)  # sanity check first: calibrates on train data
+    amax = {n: q.input_quantizer.amax.clone() for n, q in cb.quantized_modules.items()}
+    assert cb.state == {"calibrated": True, "calibration_batches": 3, "calibrated_at_step": 0}
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(amax[f"model.layers.0.self_attn.{proj}"], torch.stack(seen).max())
+    assert all(float(a) > 0 for a in amax.values())
+    trainer.validate(module, val_loader, verbose=False)  # already calibrated: ranges unchanged
+    assert all(torch.equal(q.input_quantizer.amax, amax[n]) for n, q in cb.quantized_modules.items())
+
+
+def test_static_calibration_without_batches_raises(tmp_path):
+    module = tiny_module()
+    cb = QuantizationCallback(activations="static", export_dir=None)
+    cb.prepare_model(None, module)
+    with pytest.raises(RuntimeError, match=r"compress\.quant\.activations='static': no batch"):
+        cb.calibrate(None, module, [])
+
+
+# --------------------------------------------------------------------------- resume
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _resume_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
+    module = tiny_module()
+    cb = QuantizationCallback(
+        bits=4, method="lsq", activations="static", calibration_batches=2, export_dir=None
+    )
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True)
+    extra = [CrashAt(crash_at)] if crash_at is not None else []
+    trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=6, enable_checkpointing=True)
+    trainer.fit(module, token_loader(4), ckpt_path=ckpt_path)
+    return module, cb
+
+
+def test_crash_and_resume_matches_straight_run(tmp_path):
+    straight, cb_straight = _resume_run(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _resume_run(tmp_path / "crashed", crash_at=5)
+    last = tmp_path / "crashed" / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=True)  # primitives only
+    assert state["global_step"] == 4 and state["callbacks"]["QuantizationCallback"]["calibrated"] is True
+    assert any(k.endswith("weight_quantizer.step") for k in state["state_dict"])
+    resumed, cb_resumed = _resume_run(tmp_path / "crashed", ckpt_path=str(last))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and sum(k.endswith("input_quantizer.amax") for k in a) == LLAMA_TARGETS
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    # calibrated once, before step 0, and not again after resuming
+    expected = {"calibrated": True, "calibration_batches": 2, "calibrated_at_step": 0}
+    assert cb_resumed.state_dict() == cb_straight.state_dict() == expected
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+class RankAgreement(Callback):
+    """After training, compares every tensor of the model and the callback state across ranks with
+    one all_reduce max and one min; rank 0 writes the verdict (identical on every rank) to a file."""
+
+    def __init__(self, cb: QuantizationCallback, out: str) -> None:
+        self.cb, self.out = cb, out
+
+    def on_train_end(self, trainer, pl_module):
+        state = {k: v.detach().double().flatten() for k, v in pl_module.model.state_dict().items()}
+        state["callback"] = torch.tensor(
+            [float(self.cb.state["calibrated"]), self.cb.state["calibration_batches"]]
+        )
+        flat = torch.cat(list(state.values()))
+        hi = trainer.strategy.reduce(flat.clone(), reduce_op="max")
+        lo = trainer.strategy.reduce(flat.clone(), reduce_op="min")
+        differ, offset = [], 0
+        for key, value in state.items():
+            end = offset + value.numel()
+            if not torch.equal(hi[offset:end], lo[offset:end]):
+                differ.append(key)
+            offset = end
+        if trainer.is_global_zero:
+            amax = [float(q.input_quantizer.amax) for q in self.cb.quantized_modules.values()]
+            verdict = {"differ": differ, "keys": len(state), "amax": amax, "world": trainer.world_size}
+            Path(self.out).write_text(json.dumps({**verdict, "state": self.cb.state}))
+
+
+def test_ddp_spawn_two_ranks_agree(tmp_path):
+    cb = QuantizationCallback(bits=4, method="lsq", activations="static", calibration_batches=2)
+    out = tmp_path / "verdict.json"
+    trainer = make_trainer(
+        tmp_path, [cb, RankAgreement(cb, str(out))], strategy="ddp_spawn", devices=2, max_steps=2
+    )
+    trainer.fit(tiny_module(), token_loader(8))  # each rank trains and calibrates on its own batches
+    verdict = json.loads(out.read_text())
+    assert verdict["world"] == 2 and verdict["keys"] > 3 * LLAMA_TARGETS
+    assert verdict["differ"] == []
+    assert len(verdict["amax"]) == LLAMA_TARGETS and min(verdict["amax"]) > 0
+    assert verdict["state"]["calibrated"] and verdict["state"]["calibration_batches"] == 2
+    loaded = load_quantized(tmp_path / "quantized")  # rank 0 exported
+    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == LLAMA_TARGETS
+
+
+# --------------------------------------------------------------------------- misconfiguration
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bits": 3}, r"compress\.quant\.bits: got 3, allowed: 2, 4, 8"),
+        ({"bits": True}, r"compress\.quant\.bits: got True"),
+        ({"granularity": "row"}, r"compress\.quant\.granularity: got 'row', allowed: tensor, channel, group"),
+        ({"method": "minmax"}, r"compress\.quant\.method: got 'minmax', allowed: absmax, pact, lsq, dynamic"),
+        (
+            {"activations": "per_token"},
+            r"compress\.quant\.activations: got 'per_token', allowed: dynamic, static, none",
+        ),
+        ({"act_bits": 16}, r"compress\.quant\.act_bits: got 16, allowed: 2, 4, 8"),
+        ({"symmetric": "yes"}, r"compress\.quant\.symmetric: got 'yes', allowed: true, false"),
+        ({"method": "dynamic", "symmetric": False}, r"compress\.quant\.symmetric: method 'dynamic'"),
+        ({"group_size": 0}, r"compress\.quant\.group_size: must be an integer >= 1"),
+        ({"calibration_batches": 0}, r"compress\.quant\.calibration_batches: must be an integer >= 1"),
+        ({"export_dir": ""}, r"compress\.quant\.export_dir: must be null or a folder name"),
+        ({"export_at_fit_end": "no"}, r"compress\.quant\.export_at_fit_end: got 'no', allowed: true, false"),
+        ({"bits": 5, "name": "q4"}, r"compress\.q4\.bits"),
+    ],
+)
+def test_bad_arguments_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizationCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"targets": ["*.nothing"]}, r"compress\.quant\.targets: pattern '\*\.nothing' matches no module"),
+        ({"exclude": ["*"]}, r"compress\.quant\.exclude: .* removes every module"),
+        (
+            {"targets": ["model.embed_tokens"]},
+            r"compress\.quant\.targets: model\.embed_tokens is an embedding \(Embedding\)",
+        ),
+        (
+            {"granularity": "group", "group_size": 48},
+            r"compress\.quant\.group_size: model\.layers\.0\.self_attn\.q_proj has 32 input features, "
+            r"not divisible by group_size=48",
+        ),
+    ],
+)
+def test_setup_errors_name_the_key(tmp_path, kwargs, match):
+    module = tiny_module()
+    with pytest.raises(ValueError, match=match):
+        fit(tmp_path, QuantizationCallback(**kwargs), module)
+    assert not any(isinstance(m, QuantLinear) for m in module.modules())  # nothing half-swapped
+
+
+def test_model_quantized_twice_with_other_settings_is_refused():
+    module = tiny_module()
+    QuantizationCallback(bits=8).prepare_model(None, module)
+    QuantizationCallback(bits=8).prepare_model(None, module)  # same settings: kept as is
+    with pytest.raises(
+        ValueError, match=r"compress\.quant\.targets: .* already quantized with other settings"
+    ):
+        QuantizationCallback(bits=4).prepare_model(None, module)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def test_app_quant_run_exports_a_loadable_int8_model(compose):
+    trim = ["trainer.max_steps=2", "trainer.limit_val_batches=1", "validate_before=false", "save_model=false"]
+    summary = train(compose("model=tiny_llama", "trainer=fast", "+compress=[quant]", *trim))
+    export = Path(summary["exports"]["quantized"])
+    assert export == Path(summary["run_dir"]) / "quantized" and summary["train_steps"] == 2
+    on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
+    assert on_disk["exports"] == {"quantized": str(export)}
+    manifest = json.loads((export / "lightcook.json").read_text())
+    assert len(manifest["layers"]) == LLAMA_TARGETS
+    assert manifest["weight_bytes"] < 0.27 * manifest["fp32_weight_bytes"]
+    model = load_quantized(export)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == LLAMA_TARGETS
+    ids = torch.randint(0, 49152, (2, 32))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (2, 32, 49152) and bool(torch.isfinite(logits).all())
+    ckpt = torch.load(Path(summary["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "QuantizationCallback" in ckpt["callbacks"]
