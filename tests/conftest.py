@@ -47,7 +47,9 @@ def compose(tmp_path):
     return _compose
 
 
-def random_batch(vocab: int = 256, batch: int = 2, length: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_batch(
+    vocab: int = 256, batch: int = 2, length: int = 16, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """A causal-LM batch of random tokens (no padding)."""
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

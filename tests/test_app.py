@@ -15,7 +15,11 @@ from lightcook.app import CONFIG_DIR, train
 from tests.conftest import REPO
 
 GROUPS = ["model", "data", "trainer", "callbacks", "logger", "paths"]
-TINY = {"tiny_llama": "data=shakespeare", "tiny_gpt2": "data=shakespeare", "tiny_t5": "data=shakespeare_seq2seq"}
+TINY = {
+    "tiny_llama": "data=shakespeare",
+    "tiny_gpt2": "data=shakespeare",
+    "tiny_t5": "data=shakespeare_seq2seq",
+}
 
 
 @pytest.mark.parametrize(
@@ -43,11 +47,24 @@ def test_train_tiny_model_end_to_end(compose, model):
     assert summary["train_steps"] == 4 and summary["parameters"] > 0
     assert summary["val_ppl_after"] < summary["val_ppl_before"]  # a random model learns something in 4 steps
     assert summary["bytes_on_disk"] > summary["parameters"] * 4 * 0.9
-    for path in ("config.yaml", "summary.json", "checkpoints/last.ckpt", "csv/metrics.csv", "model/config.json"):
+    for path in (
+        "config.yaml",
+        "summary.json",
+        "checkpoints/last.ckpt",
+        "csv/metrics.csv",
+        "model/config.json",
+    ):
         assert (run / path).is_file(), path
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["model"] == OmegaConf.load(CONFIG_DIR / "model" / f"{model}.yaml").config.model_type
-    for key in ("parameters", "bytes_on_disk", "val_ppl_before", "val_ppl_after", "train_steps", "wall_seconds"):
+    for key in (
+        "parameters",
+        "bytes_on_disk",
+        "val_ppl_before",
+        "val_ppl_after",
+        "train_steps",
+        "wall_seconds",
+    ):
         assert on_disk[key] is not None, key
     # checkpoints load without unpickling arbitrary objects
     torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -62,7 +79,9 @@ def test_saved_model_reloads_with_identical_logits(compose):
     summary = train(cfg)
     reloaded = AutoModelForCausalLM.from_pretrained(Path(summary["run_dir"]) / "model").eval()
     module = build_module(cfg)
-    state = torch.load(Path(summary["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    state = torch.load(Path(summary["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)[
+        "state_dict"
+    ]
     module.load_state_dict(state)
     ids = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
@@ -73,7 +92,9 @@ def test_resume_continues_from_last_checkpoint(compose, tmp_path):
     run_dir = tmp_path / "run"
     first = train(compose("model=tiny_llama", "trainer=fast", f"paths.run_dir={run_dir}"))
     assert first["resumed_from"] is None
-    second = train(compose("model=tiny_llama", "trainer=fast", "trainer.max_steps=6", f"paths.run_dir={run_dir}"))
+    second = train(
+        compose("model=tiny_llama", "trainer=fast", "trainer.max_steps=6", f"paths.run_dir={run_dir}")
+    )
     assert second["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert second["train_steps"] == 6
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
@@ -85,9 +106,15 @@ def test_resume_continues_from_last_checkpoint(compose, tmp_path):
     ("overrides", "match"),
     [
         (["model.name_or_path=/no/such/model"], r"model.name_or_path='/no/such/model'"),
-        (["model=tiny_llama", "data=text", "data.paths=[/no/such/dir]"], r"data.paths: '/no/such/dir' does not exist"),
+        (
+            ["model=tiny_llama", "data=text", "data.paths=[/no/such/dir]"],
+            r"data.paths: '/no/such/dir' does not exist",
+        ),
         (["model=tiny_llama", "data=text", "data.paths=[EMPTY]"], r"data.paths: no non-empty text"),
-        (["model=tiny_llama", "data.block_size=1024"], r"data.block_size=1024 exceeds the model's context of 512"),
+        (
+            ["model=tiny_llama", "data.block_size=1024"],
+            r"data.block_size=1024 exceeds the model's context of 512",
+        ),
     ],
 )
 def test_bad_input_names_the_key(compose, tmp_path, overrides, match):

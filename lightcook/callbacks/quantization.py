@@ -167,6 +167,8 @@ class QuantizationCallback(CompressionCallback):
         ('compress.quant', 7, False)
     """
 
+    order = 40  # canonical order: after MoE splits (10), gates (20) and masks (30); before distillation (50)
+
     def __init__(
         self,
         bits: int = 8,
@@ -275,6 +277,13 @@ class QuantizationCallback(CompressionCallback):
                     f"{name} is already quantized with other settings (two quantization callbacks?)",
                 )
             return
+        if _is_conv1d(module) and module._buffers:
+            raise self._fail(
+                "targets",
+                f"{name} is a GPT-2 Conv1D carrying {sorted(module._buffers)} from another compression "
+                f"callback (e.g. compress.prune); quantization turns it into a new nn.Linear, which would "
+                f"leave them behind; do not combine both on Conv1D models, or exclude {name!r}",
+            )
         in_f = module.weight.shape[0] if _is_conv1d(module) else module.weight.shape[1]
         if self.granularity == "group" and in_f % self.group_size:
             raise self._fail(
@@ -288,7 +297,7 @@ class QuantizationCallback(CompressionCallback):
             return module  # the same model set up again (e.g. a second Trainer)
         linear = conv1d_to_linear(module) if _is_conv1d(module) else module
         q = QuantLinear.from_linear(linear, self.spec, self.method, self.activations, self.act_bits)
-        if linear is module:  # buffers other callbacks attached (e.g. masks) stay with the layer
+        if linear is module:  # buffers other callbacks attached (N:M masks) stay with the layer, same tensors
             for key, buf in module._buffers.items():
                 if key not in q._buffers and buf is not None:
                     q.register_buffer(key, buf, persistent=key not in module._non_persistent_buffers_set)

@@ -43,7 +43,9 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def write_export(path: str | Path, model: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> Path:
+def write_export(
+    path: str | Path, model: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any]
+) -> Path:
     """Write ``tensors`` (aliases of tied weights dropped), the model's HF config and the manifest."""
     path = Path(path)
     aliases = tied_aliases(model)
@@ -69,7 +71,9 @@ def read_export(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], An
         raise ValueError(f"{path}: not a lightcook export (no {MANIFEST})")
     manifest = json.loads((path / MANIFEST).read_text())
     if manifest.get("format") != "lightcook" or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}/{MANIFEST}: unsupported format {manifest.get('format')} v{manifest.get('version')}")
+        raise ValueError(
+            f"{path}/{MANIFEST}: unsupported format {manifest.get('format')} v{manifest.get('version')}"
+        )
     config = None
     if (path / "config.json").is_file():
         from transformers import AutoConfig
@@ -86,7 +90,9 @@ def model_from_config(config: Any) -> nn.Module:
     return auto.from_config(config)
 
 
-def load_plain_tensors(model: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any], compressed: set[str]) -> None:
+def load_plain_tensors(
+    model: nn.Module, tensors: dict[str, Tensor], manifest: dict[str, Any], compressed: set[str]
+) -> None:
     """Load the ordinary tensors into ``model`` (tied weights re-tied by the model itself).
 
     ``compressed`` holds the state-dict keys that a technique's loader fills in instead.

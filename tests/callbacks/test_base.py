@@ -45,8 +45,12 @@ def test_exclude_removing_everything_is_an_error(llama):
 
 
 def test_gpt2_conv1d_counts_as_linear():
-    gpt2 = CausalLMModule(config={"model_type": "gpt2", "vocab_size": 64, "n_embd": 16, "n_layer": 1, "n_head": 2}).model
-    assert sorted(select_modules(gpt2)) == [f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    gpt2 = CausalLMModule(
+        config={"model_type": "gpt2", "vocab_size": 64, "n_embd": 16, "n_layer": 1, "n_head": 2}
+    ).model
+    assert sorted(select_modules(gpt2)) == [
+        f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
 
 
 def test_step_schedule():
@@ -104,8 +108,14 @@ def test_prepare_once_and_hook_every_optimizer_step(tmp_path):
     batches = [random_batch(seed=i) for i in range(8)]
     loader = DataLoader(batches, batch_size=None)
     trainer = Trainer(
-        max_steps=3, accumulate_grad_batches=2, callbacks=[cb], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, default_root_dir=tmp_path, limit_val_batches=1,
+        max_steps=3,
+        accumulate_grad_batches=2,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=1,
     )
     trainer.validate(module, loader, verbose=False)
     trainer.fit(module, loader, loader)
@@ -135,5 +145,7 @@ def test_structural_changes_follow_canonical_order_not_list_order(tmp_path, list
 
     from tests.conftest import random_batch
 
-    trainer.validate(CausalLMModule(config=TINY_LLAMA), DataLoader([random_batch()], batch_size=None), verbose=False)
+    trainer.validate(
+        CausalLMModule(config=TINY_LLAMA), DataLoader([random_batch()], batch_size=None), verbose=False
+    )
     assert _Recorder.log == ["moe", "quant", "kd"]

@@ -73,9 +73,9 @@ def make_trainer(root: Path, callbacks: list, **kwargs) -> L.Trainer:
     return L.Trainer(default_root_dir=root, callbacks=callbacks, **{**settings, **kwargs})
 
 
-def fit(root: Path, cb: QuantizationCallback, module=None, loader=None, **kwargs):
+def fit(root: Path, cb: QuantizationCallback, module=None, loader=None, extra=(), **kwargs):
     module = module or tiny_module()
-    trainer = make_trainer(root, [cb], **kwargs)
+    trainer = make_trainer(root, [cb, *extra], **kwargs)
     trainer.fit(module, loader or token_loader())
     return module, trainer
 
@@ -144,6 +144,32 @@ def test_lm_head_can_be_targeted_explicitly(tmp_path):
     assert isinstance(module.model.lm_head, QuantLinear) and len(cb.quantized_modules) == LLAMA_TARGETS + 1
     # still tied to the embedding, which stays float
     assert module.model.lm_head.weight is module.model.model.embed_tokens.weight
+
+
+def test_with_nm_pruning_masks_stay_with_the_quantized_layers(tmp_path):
+    from lightcook.callbacks.sparsity import SparsityCallback
+
+    module, prune = tiny_module(), SparsityCallback(n=2, m=4, export_dir=None)
+    quant = QuantizationCallback(bits=8, export_dir=None)
+    fit(tmp_path, quant, module, extra=[prune])  # listed after quant: prepared first all the same
+    state = module.model.state_dict()
+    for name, q in quant.quantized_modules.items():
+        assert f"{name}.weight_mask" in state and q.weight_mask is prune._modules[name].weight_mask
+        w = q.weight.detach()
+        assert bool((w[~q.weight_mask] == 0).all()) and bool(
+            ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
+        )
+        assert bool((q.weight_quantizer(w)[~q.weight_mask] == 0).all())  # fake-quant sees the masked weight
+
+
+def test_gpt2_conv1d_with_pruning_masks_is_refused(tmp_path):
+    from lightcook.callbacks.sparsity import SparsityCallback
+
+    with pytest.raises(
+        ValueError,
+        match=r"compress\.quant\.targets: transformer\.h\.0\.attn\.c_attn is a GPT-2 Conv1D carrying \['weight_mask'\]",
+    ):
+        fit(tmp_path, QuantizationCallback(), tiny_module("gpt2"), extra=[SparsityCallback(export_dir=None)])
 
 
 # --------------------------------------------------------------------------- static calibration

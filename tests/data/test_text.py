@@ -64,7 +64,10 @@ def test_single_file_is_cut_into_documents(tmp_path):
 
 @pytest.mark.parametrize(
     ("paths", "match"),
-    [(["/no/such/dir"], "data.paths: '/no/such/dir' does not exist"), ("EMPTY", "data.paths: no non-empty text")],
+    [
+        (["/no/such/dir"], "data.paths: '/no/such/dir' does not exist"),
+        ("EMPTY", "data.paths: no non-empty text"),
+    ],
 )
 def test_bad_paths_name_the_key(tmp_path, paths, match):
     if paths == "EMPTY":

@@ -33,11 +33,23 @@ def test_padding_is_masked_out_of_the_loss():
 
 
 def test_seq2seq_t5_loss_and_module_object():
-    t5 = {"model_type": "t5", "vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1,
-          "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0}
+    t5 = {
+        "model_type": "t5",
+        "vocab_size": 128,
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 1,
+        "num_heads": 4,
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+    }
     module = Seq2SeqLMModule(config=t5)
-    batch = {"input_ids": torch.randint(1, 128, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long),
-             "labels": torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]])}
+    batch = {
+        "input_ids": torch.randint(1, 128, (2, 9)),
+        "attention_mask": torch.ones(2, 9, dtype=torch.long),
+        "labels": torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]]),
+    }
     loss, out = module.compute_loss(batch)
     ref = F.cross_entropy(out.logits.reshape(-1, 128), batch["labels"].reshape(-1), ignore_index=-100)
     assert torch.allclose(loss, ref, atol=1e-5)
@@ -61,7 +73,9 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 4, 20, 0.1) == 0.25 and warmup_cosine(3, 4, 20, 0.1) == 1.0
     assert warmup_cosine(4, 4, 20, 0.1) == 1.0
     assert math.isclose(warmup_cosine(12, 4, 20, 0.1), 0.55)
-    assert math.isclose(warmup_cosine(20, 4, 20, 0.1), 0.1) and math.isclose(warmup_cosine(99, 4, 20, 0.1), 0.1)
+    assert math.isclose(warmup_cosine(20, 4, 20, 0.1), 0.1) and math.isclose(
+        warmup_cosine(99, 4, 20, 0.1), 0.1
+    )
 
 
 def test_weight_decay_only_on_matrices(tmp_path):

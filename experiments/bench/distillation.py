@@ -1,0 +1,328 @@
+"""Benchmark DistillationCallback on SmolLM2-135M-Instruct with the Shakespeare corpus (CPU).
+
+The student is SmolLM2 pruned one-shot to 2:4 with Wanda at step 0 (``SparsityCallback``, masks held
+through training); the teacher is the dense pretrained SmolLM2 (``teacher="student"`` reloads it).
+Measured in one process:
+
+1. recovery: fine-tune the pruned student ``--steps`` AdamW steps with and without logit KD (same
+   data order, same schedule); held-out perplexity every ``--eval-every`` steps (step 0 = pruned,
+   untrained), plus the dense model's perplexity for reference;
+2. overhead: step time with logit KD vs plain fine-tuning, interleaved runs in one process, median
+   of the timed steps (first step of each run dropped), ratio (goal <= 1.40).
+
+It rewrites the ``## Distillation`` section of docs/benchmarks.md (other sections are kept) and, if
+matplotlib is installed, plots the curves to docs/distillation.png (otherwise the table stands alone).
+
+    .venv/bin/python experiments/bench/distillation.py                 # ~12 min on 2 CPU threads
+    .venv/bin/python experiments/bench/distillation.py --steps 2 --eval-every 1 --eval-batches 2 --repeats 1 --no-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import itertools
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lightcook.callbacks.distillation import DistillationCallback
+from lightcook.callbacks.sparsity import SparsityCallback
+from lightcook.data import TextDataModule
+from lightcook.io import write_text_atomic
+from lightcook.modules import CausalLMModule
+
+MODEL = "smollm2-135m-instruct"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+SECTION = "## Distillation"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="fine-tune steps (with and without KD)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, warmup 4, cosine)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature")
+    parser.add_argument("--task-scale", type=float, default=1.0, help="KD run: weight of the task loss")
+    parser.add_argument("--logits-scale", type=float, default=1.0, help="KD run: weight of the logits KL")
+    parser.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
+    parser.add_argument("--eval-batches", type=int, default=8, help="held-out batches (4 x 128 tokens)")
+    parser.add_argument("--calibration-batches", type=int, default=8, help="Wanda calibration batches")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing runs per variant")
+    parser.add_argument("--timed-steps", type=int, default=4, help="steps per timing run (first dropped)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on an oversubscribed host)")
+    parser.add_argument("--phases", default="recovery,overhead", help="comma list: recovery, overhead")
+    parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/ untouched")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def load_module(lr: float) -> CausalLMModule:
+    return CausalLMModule(name_or_path=MODEL, lr=lr, warmup_steps=4, min_lr_ratio=0.1)
+
+
+@torch.no_grad()
+def perplexity(module: CausalLMModule, batches: list[dict]) -> float:
+    """Token-weighted held-out perplexity (every block is full: 127 predicted tokens per row)."""
+    was_training = module.training
+    module.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(module.device) for k, v in batch.items()}
+        loss = module.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        n = batch["labels"][:, 1:].numel()
+        total, count = total + float(loss) * n, count + n
+    module.train(was_training)
+    return math.exp(total / count)
+
+
+class PerplexityCurve(L.Callback):
+    """Held-out perplexity every ``every`` optimizer steps (after the masks of that step) and at the end."""
+
+    def __init__(self, batches: list[dict], every: int) -> None:
+        self.batches, self.every = batches, every
+        self.curve: list[tuple[int, float]] = []
+
+    def _record(self, step: int, pl_module) -> None:
+        if not self.curve or self.curve[-1][0] != step:
+            self.curve.append((step, perplexity(pl_module, self.batches)))
+            print(f"  step {step:3d}: held-out ppl {self.curve[-1][1]:.2f}", flush=True)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self._record(trainer.global_step, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._record(trainer.global_step, pl_module)
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training batch, evaluation excluded (forward, teacher, backward, step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()  # listed after the curve: its evaluation is not timed
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def fit(module: CausalLMModule, data: TextDataModule, steps: int, callbacks: list) -> StepTimer:
+    timer = StepTimer()
+    L.seed_everything(0, verbose=False)  # same data order for every variant
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tempfile.mkdtemp(prefix="lightcook-bench-"),
+        callbacks=[*callbacks, timer],
+    )
+    trainer.fit(module, datamodule=data)
+    module.zero_grad(set_to_none=True)
+    module._trainer = None  # drop the trainer (and its optimizer states) now, not at some later GC
+    del trainer
+    gc.collect()
+    return timer
+
+
+def kd_callback(args: argparse.Namespace, teacher_dtype: str | None = None) -> DistillationCallback:
+    return DistillationCallback(
+        temperature=args.temperature,
+        task_scale=args.task_scale,
+        logits_scale=args.logits_scale,
+        teacher_dtype=teacher_dtype,
+    )
+
+
+# --------------------------------------------------------------------------- the measurements
+
+
+def recovery(
+    data: TextDataModule, val: list[dict], args
+) -> tuple[dict, CausalLMModule, DistillationCallback]:
+    """Pruned student fine-tuned with and without KD: perplexity curves and median step times."""
+    runs = {}
+    kd = kd_callback(args)
+    for variant in ("plain", "kd"):
+        print(f"fine-tune 2:4 student, {variant}", flush=True)
+        module = load_module(args.lr)
+        prune = SparsityCallback(n=2, m=4, criterion="wanda", calibration_batches=args.calibration_batches)
+        curve = PerplexityCurve(val, args.eval_every)
+        extra = [kd] if variant == "kd" else []
+        timer = fit(module, data, args.steps, [prune, *extra, curve])  # prune first: masks, then KD
+        runs[variant] = {"curve": curve.curve, "step_s": statistics.median(timer.times[1:])}
+    return runs, module, kd
+
+
+def overhead(module: CausalLMModule, kd: DistillationCallback, data: TextDataModule, args) -> dict:
+    """Interleaved runs on the same module: plain, logit KD (fp32 teacher), logit KD (bf16 teacher).
+
+    Median step time of each variant and its ratio to plain; the run order rotates every repeat.
+    """
+    callbacks = {"plain": [], "kd": [kd], "kd_bf16": [kd_callback(args, "bfloat16")]}  # teachers load once
+    times: dict[str, list[float]] = {kind: [] for kind in callbacks}
+    kinds = list(callbacks)
+    for repeat in range(args.repeats):
+        for kind in kinds[repeat % 3 :] + kinds[: repeat % 3]:
+            times[kind] += fit(module, data, args.timed_steps, callbacks[kind]).times[1:]
+    result = {k: statistics.median(v) for k, v in times.items()}
+    result.update(ratio=result["kd"] / result["plain"], ratio_bf16=result["kd_bf16"] / result["plain"])
+    result["samples"] = len(times["plain"])
+    print(result, flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def plot(runs: dict, dense_ppl: float, path: Path) -> bool:
+    """Write the perplexity curves as a small PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for variant, label in (("plain", "2:4, fine-tune"), ("kd", "2:4, fine-tune + logit KD")):
+        steps, ppl = zip(*runs[variant]["curve"])
+        ax.plot(steps, ppl, marker="o", label=label)
+    ax.axhline(dense_ppl, color="gray", linestyle="--", label="dense teacher")
+    ax.set(xlabel="optimizer step", ylabel="held-out ppl", yscale="log", title="SmolLM2-135M, 2:4 Wanda")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def render_recovery(args, dense_ppl: float, runs: dict, plotted: bool) -> list[str]:
+    steps = [s for s, _ in runs["plain"]["curve"]]
+    ppl = {v: dict(runs[v]["curve"]) for v in runs}
+    lines = [
+        "Student: SmolLM2-135M-Instruct pruned one-shot to 2:4 (Wanda, "
+        f"{args.calibration_batches} calibration batches) at step 0, masks held through training. "
+        "Teacher: the dense pretrained model (`teacher: student`). Data: Shakespeare, block 128, batch 4, "
+        f"same data order for both runs. AdamW lr {args.lr}, warmup 4, cosine to 0.1x, {args.steps} steps. "
+        f"KD run: `task_scale={args.task_scale}, logits_scale={args.logits_scale}, "
+        f"temperature={args.temperature}`. Held-out ppl over {args.eval_batches} validation batches "
+        f"({args.eval_batches * 4 * 127} predicted tokens). Dense teacher: ppl **{dense_ppl:.2f}**.",
+        "",
+        "| step | 2:4 fine-tune (no KD) | 2:4 fine-tune + logit KD |",
+        "|---:|---:|---:|",
+        *[f"| {s} | {ppl['plain'][s]:.2f} | {ppl['kd'][s]:.2f} |" for s in steps],
+        "",
+        f"Median step time during these runs: {runs['plain']['step_s']:.2f} s without KD, "
+        f"{runs['kd']['step_s']:.2f} s with KD (not interleaved; see the overhead line for the ratio).",
+        "",
+    ]
+    if plotted:
+        return lines + ["![held-out perplexity, 2:4 SmolLM2 with and without KD](distillation.png)", ""]
+    return lines + ["(matplotlib is not installed here: no plot; the table is the curve.)", ""]
+
+
+def render_overhead(args, timing: dict, pruned: bool) -> list[str]:
+    module = "the pruned module from the KD run" if pruned else "the dense pretrained module"
+    return [
+        f"Overhead, logit KD vs plain fine-tuning ({module}, no pruning callback in either), "
+        f"interleaved {args.repeats} x {args.timed_steps}-step runs, first step of each run dropped "
+        f"({timing['samples']} steps each, order rotated): median step time",
+        "",
+        "| variant | median s/step | ratio to plain |",
+        "|---|---:|---:|",
+        f"| plain fine-tuning | {timing['plain']:.3f} | 1.000 |",
+        f"| + logit KD, fp32 teacher (default) | {timing['kd']:.3f} | **{timing['ratio']:.3f}** |",
+        f"| + logit KD, bf16 teacher (`teacher_dtype: bfloat16`) | {timing['kd_bf16']:.3f} "
+        f"| **{timing['ratio_bf16']:.3f}** |",
+        "",
+        "Goal: ratio <= 1.40.",
+        "",
+    ]
+
+
+def render(args, parts: list[str], wall: float) -> str:
+    command = f"Command: `.venv/bin/python experiments/bench/distillation.py {' '.join(sys.argv[1:])}`"
+    header = [
+        SECTION,
+        "",
+        command.rstrip(),
+        f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s.",
+        "",
+    ]
+    return "\n".join(header + parts)
+
+
+def write_section(text: str, path: Path = DOCS / "benchmarks.md") -> None:
+    """Replace (or append) the ``## Distillation`` section, keeping every other section as it is."""
+    old = (
+        path.read_text()
+        if path.is_file()
+        else "# Benchmarks\n\nNumbers pasted from runs of the scripts in experiments/bench/.\n"
+    )
+    start = old.find(SECTION + "\n")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + ("" if end < 0 else "\n" + old[end + 1 :])
+    write_text_atomic(path, new.rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    phases = set(args.phases.split(","))
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    data = TextDataModule(tokenizer=MODEL, block_size=128, batch_size=4)
+    data.setup("fit")
+    parts: list[str] = []
+    module, kd = None, None
+    if "recovery" in phases:
+        val = list(itertools.islice(data.val_dataloader(), args.eval_batches))
+        dense_ppl = perplexity(load_module(args.lr), val)
+        print(f"dense held-out ppl {dense_ppl:.2f}", flush=True)
+        runs, module, kd = recovery(data, val, args)
+        plotted = not args.no_docs and plot(runs, dense_ppl, DOCS / "distillation.png")
+        parts += render_recovery(args, dense_ppl, runs, plotted)
+    if "overhead" in phases:
+        pruned = module is not None
+        module, kd = (module, kd) if pruned else (load_module(args.lr), kd_callback(args))
+        parts += render_overhead(args, overhead(module, kd, data, args), pruned)
+    text = render(args, parts, time.time() - started)
+    print(text)
+    if not args.no_docs:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()

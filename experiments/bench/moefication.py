@@ -1,0 +1,351 @@
+"""Benchmark MoEficationCallback on SmolLM2-135M-Instruct with the Shakespeare corpus (CPU).
+
+Measures, in one process:
+
+1. activation sparsity of SmolLM2's SwiGLU FFNs (SiLU), and after ReLU-fication + fine-tune;
+2. held-out perplexity at 10 / 25 / 50 % of the experts with the MLP router (and the oracle router
+   at 25 % for reference), for (a) the original SiLU model MoEfied as is (split + router fit, no
+   training) and (b) ReLU-fication: ``--relu-steps`` dense ReLU fine-tuning steps, then the split,
+   then ``--moe-steps`` routed fine-tuning steps at 25 % (a real ``Trainer.fit`` with the callback);
+3. speed of one FFN at SmolLM2's shapes (d 576, d_ff 1536, 8 x 256 tokens): the Hugging Face
+   ``LlamaMLP`` vs the MoE FFN at 25 % of the experts with the trained router of (b), interleaved
+   repeats, medians, at 1 and 2 threads; and the end-to-end forward of the whole model (dense vs
+   MoE at 25 %) on the same tokens;
+4. the expert-load heatmap (layers x experts) of model (b) on the held-out batches, as
+   docs/moefication_expert_load.png.
+
+It rewrites the ``## MoEfication`` section of docs/benchmarks.md (other sections are kept).
+
+    .venv/bin/python experiments/bench/moefication.py                 # ~15 min on 2 busy CPU cores
+    .venv/bin/python experiments/bench/moefication.py --relu-steps 1 --moe-steps 1 --eval-batches 1 \
+        --repeats 1 --router-steps 5 --calibration-batches 1 --no-docs  # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import itertools
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lightcook.callbacks.moefication import MoEficationCallback, write_heatmap_png
+from lightcook.data import TextDataModule
+from lightcook.io import write_text_atomic
+from lightcook.modules import CausalLMModule
+from lightcook.ops.moe import MoEFFN, OracleRouter, moe_modules, release_workspaces, set_top_k
+
+MODEL = "smollm2-135m-instruct"
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "benchmarks.md"
+HEATMAP = ROOT / "docs" / "moefication_expert_load.png"
+SECTION = "## MoEfication"
+FRACTIONS = (0.10, 0.25, 0.50)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=32, help="experts per FFN (1536 / 32 = 48 neurons)")
+    parser.add_argument(
+        "--relu-steps", type=int, default=24, help="dense ReLU fine-tuning steps before the split"
+    )
+    parser.add_argument("--moe-steps", type=int, default=8, help="routed fine-tuning steps after the split")
+    parser.add_argument("--lr", type=float, default=3e-4, help="fine-tune peak learning rate")
+    parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches (4 x 128 tokens)")
+    parser.add_argument(
+        "--calibration-batches", type=int, default=8, help="batches captured for split + routers"
+    )
+    parser.add_argument("--router-steps", type=int, default=100, help="Adam steps per MLP router")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads for training, evaluation, model speed"
+    )
+    parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU, torch {torch.__version__}, load average {load:.1f} at start"
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, batches: list[dict]) -> float:
+    """Token-weighted held-out perplexity (full blocks: 127 predicted tokens per row)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        n = batch["labels"][:, 1:].numel()
+        total, count = total + float(loss) * n, count + n
+    return math.exp(total / count)
+
+
+def moe_callback(args: argparse.Namespace, **kwargs) -> MoEficationCallback:
+    return MoEficationCallback(
+        num_experts=args.experts,
+        top_k=args.experts // 4,
+        calibration_batches=args.calibration_batches,
+        router_steps=args.router_steps,
+        export_dir=None,
+        plot=False,
+        **kwargs,
+    )
+
+
+def sweep(
+    model: torch.nn.Module, val: list[dict], label: str, rows: list, oracle: bool = True
+) -> dict[float, float]:
+    """ppl at every fraction of experts (MLP router), then the oracle router at 25 %."""
+    out = {}
+    for fraction in FRACTIONS:
+        set_top_k(model, fraction)
+        out[fraction] = perplexity(model, val)
+        rows.append((label, f"{fraction:.0%}", "MLP", out[fraction]))
+        print(f"[moe] {label}: {fraction:.0%} experts, MLP router: ppl {out[fraction]:.2f}", flush=True)
+    if oracle:
+        layers = moe_modules(model)
+        routers = {name: m.router for name, m in layers.items()}
+        for m in layers.values():
+            m.router = OracleRouter(m.num_experts)
+        set_top_k(model, 0.25)
+        ppl = perplexity(model, val)
+        rows.append((label, "25%", "oracle", ppl))
+        print(f"[moe] {label}: 25% experts, oracle router: ppl {ppl:.2f}", flush=True)
+        for name, m in layers.items():
+            m.router = routers[name]
+    set_top_k(model, 0.25)
+    return out
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def interleaved(variants: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Median seconds per variant, variants alternating inside every repeat (one warm-up call each)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad():
+        for fn, *args in variants.values():
+            fn(*args)
+        for _ in range(repeats):
+            for name, (fn, *args) in variants.items():
+                times[name].append(timed(fn, *args))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def without_relu(args, train, val, rows) -> dict:
+    module = CausalLMModule(name_or_path=MODEL)
+    cb = moe_callback(args)
+    cb.prepare_model(None, module)
+    started = time.time()
+    cb.split_experts(module, train)
+    split_seconds = time.time() - started
+    print(f"[moe] SiLU split + router fit: {split_seconds:.0f} s; state {cb.state}", flush=True)
+    sweep(module.model, val, "SiLU (original), no training", rows)
+    return {"sparsity": cb.state["sparsity_before"], "split_seconds": split_seconds}
+
+
+def with_relu(args, data, val, rows, root: Path) -> tuple[CausalLMModule, dict]:
+    module = CausalLMModule(name_or_path=MODEL, lr=args.lr, warmup_steps=3)
+    cb = moe_callback(args, relufy=True, split_step=args.relu_steps)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.relu_steps + args.moe_steps,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+    started = time.time()
+    trainer.fit(module, data)
+    fit_seconds = time.time() - started
+    print(f"[moe] ReLU-fication fit: {fit_seconds:.0f} s; state {cb.state}", flush=True)
+    label = f"ReLU-fied, {args.relu_steps} dense + {args.moe_steps} routed steps"
+    set_top_k(module.model, args.experts)
+    dense_relu = perplexity(module.model, val)  # every expert = the fine-tuned dense ReLU model
+    rows.append((label, "100%", "-", dense_relu))
+    sweep(module.model, val, label, rows)
+    return module, {"state": cb.state, "fit_seconds": fit_seconds, "dense_relu": dense_relu}
+
+
+def ffn_speed(module: CausalLMModule, args) -> list[tuple[int, dict[str, float]]]:
+    """One FFN (layer 0 of the ReLU-fied MoE model, its trained router) vs the HF dense LlamaMLP."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    moe: MoEFFN = module.model.model.layers[0].mlp
+    dense = LlamaMLP(module.model.config).eval()
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(dense, name).weight.copy_(getattr(moe, name).weight)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 256, module.model.config.hidden_size, generator=gen) * 0.5  # (B, T, d)
+    out = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        moe.set_top_k(args.experts // 4)
+        medians = interleaved({"dense": (dense, x), "moe25": (moe, x)}, args.repeats)
+        out.append((threads, medians))
+        print(f"[moe] FFN 8x256, {threads} thread(s): {medians}", flush=True)
+    torch.set_num_threads(args.threads)
+    return out
+
+
+def model_speed(module: CausalLMModule, dense_model: torch.nn.Module, args) -> dict[str, float]:
+    ids = torch.randint(
+        0, module.model.config.vocab_size, (8, 256), generator=torch.Generator().manual_seed(1)
+    )
+    set_top_k(module.model, 0.25)
+    module.model.eval()
+    variants = {
+        "dense": (lambda: dense_model(input_ids=ids),),
+        "moe25": (lambda: module.model(input_ids=ids),),
+    }
+    medians = interleaved({k: (v[0],) for k, v in variants.items()}, max(1, args.repeats // 2))
+    print(f"[moe] model forward 8x256: {medians}", flush=True)
+    return medians
+
+
+@torch.no_grad()
+def heatmap(module: CausalLMModule, val: list[dict], path: Path) -> list[list[float]]:
+    layers = list(moe_modules(module.model).values())
+    for m in layers:
+        m.load_counts.zero_()
+    set_top_k(module.model, 0.25)
+    perplexity(module.model, val)
+    load = torch.stack([m.load_counts.double() for m in layers])  # (layers, E)
+    shares = (load / load.mean(1, keepdim=True)).tolist()
+    write_heatmap_png(path, shares, cell=10)
+    return shares
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace (or append) this benchmark's section, keeping every other section as it is."""
+    old = path.read_text() if path.is_file() else "# Benchmarks\n"
+    start = old.find(SECTION + "\n")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + ("" if end < 0 else "\n" + old[end + 1 :])
+    write_text_atomic(path, new.rstrip("\n") + "\n")
+
+
+def fmt_sparsity(s: dict | None) -> str:
+    if not s:
+        return "n/a"
+    return f"zeros {s['zero_fraction']:.1%}, neurons for 90% of the mass {s['mass_fraction']:.1%}"
+
+
+def report(args, wall, dense_ppl, rows, silu, relu, ffn, model, shares) -> str:
+    dense_ms = {t: m["dense"] * 1e3 for t, m in ffn}
+    moe_ms = {t: m["moe25"] * 1e3 for t, m in ffn}
+    imbalance = [max(r) for r in shares]
+    lines = [
+        SECTION,
+        "",
+        f"Command: `.venv/bin/python experiments/bench/moefication.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s. "
+        "The machine was shared with other jobs; timings are medians of interleaved repeats in one process.",
+        f"Model: SmolLM2-135M-Instruct (30 SwiGLU FFNs, d_ff 1536) split into {args.experts} experts of "
+        f"{1536 // args.experts} neurons (co-activation split); data: Shakespeare, block 128, batch 4; held-out "
+        f"ppl over {args.eval_batches} validation batches ({args.eval_batches * 4 * 127} predicted tokens); "
+        f"split and routers from {args.calibration_batches} training batches, MLP routers (hidden 128) fitted "
+        f"for {args.router_steps} Adam steps. Reduced budget (2 busy cores): ReLU-fication is "
+        f"{args.relu_steps} dense + {args.moe_steps} routed AdamW steps (lr {args.lr}), far below the "
+        "paper's fine-tuning.",
+        "",
+        f"Activation sparsity (mean over FFNs, calibration tokens): SiLU original: {fmt_sparsity(silu['sparsity'])}; "
+        f"ReLU-fied after {args.relu_steps} steps: {fmt_sparsity(relu['state']['sparsity_at_split'])}.",
+        "",
+        "| model | experts used | router | held-out ppl | × dense |",
+        "|---|---:|---|---:|---:|",
+        f"| dense SmolLM2 (SiLU) | 100% | - | {dense_ppl:.2f} | 1.00 |",
+        *[f"| {m} | {f} | {r} | {p:.2f} | {p / dense_ppl:.2f} |" for m, f, r, p in rows],
+        "",
+        "Speed, one FFN at SmolLM2's shapes (x: 8 × 256 × 576; HF `LlamaMLP` vs `MoEFFN` at 25% of the "
+        "experts, trained router of the ReLU-fied model, sparse path; median of "
+        f"{args.repeats} interleaved repeats):",
+        "",
+        "| threads | dense FFN ms | MoE FFN 25% ms | speed-up |",
+        "|---:|---:|---:|---:|",
+        *[
+            f"| {t} | {dense_ms[t]:.1f} | {moe_ms[t]:.1f} | {dense_ms[t] / moe_ms[t]:.2f}× |"
+            for t in dense_ms
+        ],
+        "",
+        f"End-to-end forward of the whole model, 8 × 256 tokens, {args.threads} threads: dense "
+        f"{model['dense']:.2f} s, MoE 25% {model['moe25']:.2f} s ({model['dense'] / model['moe25']:.2f}×; the "
+        "LM head, embeddings and attention are unchanged).",
+        "",
+        f"Expert load on the held-out batches at 25% (`docs/{HEATMAP.name}`, layers × experts, colour = load / "
+        f"mean load): max/mean per layer from {min(imbalance):.2f} to {max(imbalance):.2f}.",
+        "",
+        f"![expert load]({HEATMAP.name})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    data = TextDataModule(tokenizer=MODEL, block_size=128, batch_size=4)
+    data.setup("fit")
+    val = list(itertools.islice(data.val_dataloader(), args.eval_batches))
+    train = list(itertools.islice(data.train_dataloader(), args.calibration_batches))
+    torch.manual_seed(0)
+    dense = CausalLMModule(name_or_path=MODEL).model.eval()
+    dense_ppl = perplexity(dense, val)
+    print(f"[moe] dense ppl {dense_ppl:.2f}", flush=True)
+    rows: list[tuple[str, str, str, float]] = []
+    silu = without_relu(args, train, val, rows)
+    release_workspaces()
+    with tempfile.TemporaryDirectory() as root:
+        module, relu = with_relu(args, data, val, rows, Path(root))
+    shares = heatmap(module, val, Path(tempfile.mkdtemp()) / HEATMAP.name if args.no_docs else HEATMAP)
+    ffn = ffn_speed(module, args)
+    model = model_speed(module, copy.deepcopy(dense), args)
+    text = report(args, time.time() - started, dense_ppl, rows, silu, relu, ffn, model, shares)
+    print(text)
+    if not args.no_docs:
+        write_section(DOCS, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,535 @@
+"""Hard-concrete gates (Louizos, Welling & Kingma 2018, "Learning Sparse Neural Networks through L0
+Regularization") and a model-wide gate set that applies them inside the forward pass. Pure torch.
+
+A gate ``z ∈ [0, 1]`` per unit is a stretched, clamped binary-concrete sample:
+``s = sigmoid((log u − log(1−u) + log_alpha) / β)``, ``z = clamp(s·(ζ−γ) + γ, 0, 1)`` with
+``u ~ U(0, 1)``. ``P(z ≠ 0) = sigmoid(log_alpha − β·log(−γ/ζ))`` is differentiable in ``log_alpha``,
+so the expected L0 norm (and the expected parameter count) can be constrained during training.
+
+Deterministic gates (eval, and after binarisation) follow CoFi (Xia et al. 2022): per unit kind the
+number of kept units is ``round(Σ P(z ≠ 0))`` and the units with the largest ``log_alpha`` are kept
+(:meth:`GateSet.deterministic` refines this so units of removed blocks do not count as kept), and so
+is every unit whose Louizos estimate is exactly 1 (so a freshly gated model equals the dense one);
+a kept unit's value is Louizos' test-time estimate ``clamp(sigmoid(log_alpha)·(ζ−γ)+γ, 0, 1)``,
+floored by ``sigmoid(log_alpha)`` so it is never 0 (1 for ``log_alpha ≥ log((1−γ)/(ζ−1))``).
+
+:class:`GateSet` holds one flat gate vector per unit kind (``heads``, ``neurons``,
+``attention_layers``, ``ffn_layers``) for the blocks of :mod:`lightcook.ops.architectures`, as a
+submodule of the model (so ``log_alpha`` is in its state dict) and applies them with hooks:
+a forward pre-hook on each block's output projection multiplies the unit channels (head outputs
+before ``o_proj``, intermediate activations before ``down_proj``) and a forward hook multiplies the
+projection's output (the block's residual contribution, bias included) by the block gate. Nothing
+is detached in training: the task loss reaches ``log_alpha``.
+
+Example:
+    >>> import torch
+    >>> gate = HardConcreteGate(4, droprate_init=0.5)
+    >>> z = gate.sample(torch.full((4,), 0.5))   # u = 0.5: the median sample
+    >>> z.shape, bool(((z >= 0) & (z <= 1)).all())
+    (torch.Size([4]), True)
+    >>> gate.prob_nonzero().requires_grad
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightcook.ops.architectures import BLOCK_GATE, BLOCK_UNIT, Block, linear_dims
+
+BLOCK_KINDS = tuple(BLOCK_GATE.values())  # ("attention_layers", "ffn_layers")
+
+BETA = 2.0 / 3.0
+LIMIT_L = -0.1  # γ: stretch below 0 so that z = 0 has positive probability
+LIMIT_R = 1.1  # ζ: stretch above 1 so that z = 1 has positive probability
+_EPS = 1e-6
+
+
+class HardConcreteGate(nn.Module):
+    """A vector of ``n`` hard-concrete gates with learnable ``log_alpha`` (no weight decay).
+
+    Args:
+        n: number of gates.
+        droprate_init: initial ``P(z = 0)``-like drop rate: ``log_alpha = log((1−d)/d)``.
+        beta: temperature β of the concrete distribution.
+        limit_l, limit_r: stretch interval (γ, ζ), ``γ < 0 < 1 < ζ``.
+
+    Raises:
+        ValueError: ``n < 1``, ``droprate_init`` outside (0, 1), ``beta <= 0`` or limits not
+            ``γ < 0 < 1 < ζ``.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        droprate_init: float = 0.01,
+        beta: float = BETA,
+        limit_l: float = LIMIT_L,
+        limit_r: float = LIMIT_R,
+    ) -> None:
+        super().__init__()
+        check_gate_args(droprate_init, beta, limit_l, limit_r)
+        if n < 1:
+            raise ValueError(f"a gate vector needs n >= 1 gates, got {n}")
+        self.beta, self.limit_l, self.limit_r = beta, limit_l, limit_r
+        init = math.log(1 - droprate_init) - math.log(droprate_init)
+        self.log_alpha = nn.Parameter(torch.full((n,), init))
+        self.log_alpha._no_weight_decay = True  # read by the modules' configure_optimizers
+
+    def prob_nonzero(self) -> Tensor:
+        """``P(z ≠ 0)`` per gate, differentiable in ``log_alpha``; shape ``(n,)``."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.limit_l / self.limit_r))
+
+    def sample(self, u: Tensor) -> Tensor:
+        """Gates from uniform noise ``u`` of shape ``(n,)`` (reparameterised: gradients reach ``log_alpha``)."""
+        u = u.clamp(_EPS, 1 - _EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        return (s * (self.limit_r - self.limit_l) + self.limit_l).clamp(0.0, 1.0)
+
+    def test_value(self) -> Tensor:
+        """Louizos' test-time estimate, floored by ``sigmoid(log_alpha)`` (never 0); shape ``(n,)``."""
+        s = torch.sigmoid(self.log_alpha)
+        return torch.maximum((s * (self.limit_r - self.limit_l) + self.limit_l).clamp(0.0, 1.0), s)
+
+    @torch.no_grad()
+    def deterministic(self, keep: int | None = None, eligible: Tensor | None = None) -> Tensor:
+        """Deterministic gates: the ``keep`` (default ``round(Σ P(z≠0))``) largest ``log_alpha`` among
+        the ``eligible`` gates, plus every eligible gate whose test-time value is exactly 1, keep
+        :meth:`test_value`; the rest are 0 (ties broken by index); shape ``(n,)``, detached."""
+        if keep is None:
+            keep = int(torch.round(self.prob_nonzero().sum()).item())
+        ranking = self.log_alpha if eligible is None else self.log_alpha.masked_fill(~eligible, -torch.inf)
+        order = torch.sort(ranking, descending=True, stable=True).indices
+        if eligible is not None:
+            keep = min(keep, int(eligible.sum()))
+        mask = torch.zeros_like(self.log_alpha, dtype=torch.bool)
+        mask[order[:keep]] = True
+        certain = self.log_alpha >= self.certain_on()  # Louizos' estimate is exactly 1: always kept
+        mask |= certain if eligible is None else certain & eligible
+        return torch.where(mask, self.test_value(), torch.zeros_like(self.log_alpha))
+
+    def certain_on(self) -> float:
+        """``log_alpha`` above which Louizos' test-time estimate is exactly 1: ``log((1−γ)/(ζ−1))``."""
+        return math.log((1 - self.limit_l) / (self.limit_r - 1))
+
+
+def check_gate_args(droprate_init: float, beta: float, limit_l: float, limit_r: float, key: str = "") -> None:
+    """Validate hard-concrete hyperparameters; errors are prefixed with ``key``.
+
+    Raises:
+        ValueError: ``droprate_init`` outside (0, 1), ``beta <= 0``, or not ``limit_l < 0 < 1 < limit_r``.
+    """
+    prefix = f"{key}." if key else ""
+    if not 0 < droprate_init < 1:
+        raise ValueError(f"{prefix}droprate_init must lie in (0, 1), got {droprate_init}")
+    if not beta > 0:
+        raise ValueError(f"{prefix}beta must be > 0, got {beta}")
+    if not (limit_l < 0 and limit_r > 1):
+        raise ValueError(
+            f"{prefix}limit_l/limit_r must satisfy limit_l < 0 < 1 < limit_r, got ({limit_l}, {limit_r})"
+        )
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return -grad
+
+
+def reverse_grad(x: Tensor) -> Tensor:
+    """Identity forward, negated gradient backward: a minimising optimizer then *ascends* on ``x``.
+
+    Example:
+        >>> lam = torch.zeros((), requires_grad=True)
+        >>> (reverse_grad(lam) * 3.0).backward()
+        >>> float(lam.grad)
+        -3.0
+    """
+    return _ReverseGrad.apply(x)
+
+
+class AdamMoments(nn.Module):
+    """Adam moments of one parameter kept as buffers, so they travel in the model's state dict.
+
+    Used to step the gates with their own learning rate without touching the module's optimizer
+    (whose LR scheduler pairs each param group with a schedule).
+
+    Example:
+        >>> p = nn.Parameter(torch.zeros(3)); p.grad = torch.ones(3)
+        >>> AdamMoments(p.shape).step_(p, lr=0.1)
+        >>> [round(v, 4) for v in p.detach().tolist()]
+        [-0.1, -0.1, -0.1]
+    """
+
+    def __init__(self, shape: torch.Size | tuple[int, ...]) -> None:
+        super().__init__()
+        self.register_buffer("exp_avg", torch.zeros(shape))
+        self.register_buffer("exp_avg_sq", torch.zeros(shape))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def step_(
+        self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        """One Adam update of ``param`` from ``param.grad`` (no-op without a gradient)."""
+        if param.grad is None:
+            return
+        grad = param.grad.to(self.exp_avg.dtype)
+        self.steps += 1
+        t = float(self.steps)
+        self.exp_avg.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+        self.exp_avg_sq.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+        denom = (self.exp_avg_sq / (1 - betas[1] ** t)).sqrt_().add_(eps)
+        param.sub_((lr / (1 - betas[0] ** t)) * self.exp_avg / denom)
+
+
+# --------------------------------------------------------------------------- model-wide gates
+
+
+@dataclass(frozen=True)
+class GatedBlock:
+    """Static facts about one gated block (rebuilt identically from the model; not in any state dict).
+
+    Attributes:
+        name: the block's module name; ``kind``: ``attention`` / ``ffn``; ``output``: its output projection.
+        units, unit_width: units and output-projection input channels per unit.
+        unit_params: parameters one unit owns (its channels in every projection).
+        const_params: parameters that go only with the whole block (pre-norm, output bias).
+        unit_offset: where the block's units start in the unit-kind gate vector (``None``: not gated).
+        block_index: its index in the block-kind gate vector (``None``: not gated).
+    """
+
+    name: str
+    kind: str
+    output: str
+    units: int
+    unit_width: int
+    unit_params: int
+    const_params: int
+    unit_offset: int | None
+    block_index: int | None
+
+
+def block_counts(block: Block) -> tuple[int, int]:
+    """``(parameters per unit, parameters that go only with the whole block)`` of ``block``."""
+    per_unit = 0
+    for cut in block.cuts:
+        n_in, n_out, bias = linear_dims(block.model.get_submodule(cut.module))
+        k = cut.channels.shape[1]
+        per_unit += k * (n_in + int(bias)) if cut.side == "out" else k * n_out
+    fixed = sum(p.numel() for p in block.fixed_parameters())
+    total = sum(p.numel() for p in block.parameters()) - fixed
+    return per_unit, total - block.units * per_unit
+
+
+class GateSet(nn.Module):
+    """All hard-concrete gates of one model, applied inside its forward pass.
+
+    Build with :func:`attach_gates`. State: one :class:`HardConcreteGate` per enabled unit kind, the
+    Lagrange multipliers ``lambda_1``/``lambda_2`` (used by the pruning callback), a ``draws`` counter
+    (the noise of training forward ``i`` is seeded by ``(seed, i, rank)``, so a resumed run samples
+    exactly what an uninterrupted one would) and a ``frozen`` flag (deterministic gates in training too).
+
+    Args:
+        blocks: metadata of every gated block.
+        sizes: gates per enabled unit kind.
+        layer_params: parameters inside the model's layers (gated blocks + anything else there).
+        seed: base seed of the gate noise.
+        droprate_init, beta, limit_l, limit_r: see :class:`HardConcreteGate`.
+    """
+
+    def __init__(
+        self,
+        blocks: list[GatedBlock],
+        sizes: dict[str, int],
+        layer_params: int,
+        seed: int = 0,
+        droprate_init: float = 0.01,
+        beta: float = BETA,
+        limit_l: float = LIMIT_L,
+        limit_r: float = LIMIT_R,
+    ) -> None:
+        super().__init__()
+        self.blocks = list(blocks)
+        self.gates = nn.ModuleDict(
+            {kind: HardConcreteGate(n, droprate_init, beta, limit_l, limit_r) for kind, n in sizes.items()}
+        )
+        self.lambda_1 = nn.Parameter(torch.zeros(()))
+        self.lambda_2 = nn.Parameter(torch.zeros(()))
+        self.moments = nn.ModuleDict({kind: AdamMoments((n,)) for kind, n in sizes.items()})
+        self.moments["lambda_1"] = AdamMoments(())
+        self.moments["lambda_2"] = AdamMoments(())
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self.seed, self.rank = seed, 0
+        gated = sum(b.units * b.unit_params + b.const_params for b in self.blocks)
+        self.other_params = layer_params - gated  # never pruned (e.g. T5's relative position bias)
+        self.layer_params = layer_params
+        self._values: dict[str, Tensor] = {}
+        self._handles: list = []
+        self._hooked: dict[str, nn.Module] = {}
+
+    # ---------------------------------------------------------------- gate values
+
+    def refresh(self) -> None:
+        """Draw this forward's gates (training, not frozen) or take the deterministic ones."""
+        if self.training and not bool(self.frozen):
+            self._values = self._sample()
+        else:
+            self._values = self.deterministic()
+
+    def _sample(self) -> dict[str, Tensor]:
+        values = {}
+        for i, (kind, gate) in enumerate(self.gates.items()):
+            device = gate.log_alpha.device
+            generator = torch.Generator(device=device)
+            generator.manual_seed(((self.seed * 1_000_003 + int(self.draws)) * 64 + i) * 4099 + self.rank)
+            u = torch.rand(gate.log_alpha.shape, generator=generator, device=device)
+            values[kind] = gate.sample(u)
+        self.draws += 1
+        return values
+
+    @torch.no_grad()
+    def deterministic(self) -> dict[str, Tensor]:
+        """Deterministic gate values per kind (see :meth:`HardConcreteGate.deterministic`).
+
+        Block gates first (``round(Σ P)`` blocks per kind); then per unit kind the expected number
+        of *effective* units ``round(Σ_i P_i · P_block(i))`` is kept, chosen among the units of
+        blocks that stay, so the sliced size tracks the expected size.
+        """
+        values = {kind: gate.deterministic() for kind, gate in self.gates.items() if kind in BLOCK_KINDS}
+        probs = {kind: gate.prob_nonzero() for kind, gate in self.gates.items()}
+        for kind, gate in self.gates.items():
+            if kind in BLOCK_KINDS:
+                continue
+            weight, eligible = self._unit_weights(kind, probs, values)
+            keep = int(torch.round((probs[kind] * weight).sum()).item())
+            values[kind] = gate.deterministic(keep, eligible)
+        return values
+
+    def _unit_weights(
+        self, kind: str, probs: dict[str, Tensor], values: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Per unit of ``kind``: its block's ``P(z≠0)`` and whether the block stays."""
+        weight = torch.ones_like(probs[kind])
+        eligible = torch.ones_like(probs[kind], dtype=torch.bool)
+        for block in self.blocks:
+            block_kind = BLOCK_GATE[block.kind]
+            if BLOCK_UNIT[block.kind] != kind or block.unit_offset is None or block.block_index is None:
+                continue
+            span = slice(block.unit_offset, block.unit_offset + block.units)
+            weight[span] = probs[block_kind][block.block_index]
+            eligible[span] = bool(values[block_kind][block.block_index] > 0)
+        return weight, eligible
+
+    def probabilities(self) -> dict[str, Tensor]:
+        """``P(z ≠ 0)`` per kind, differentiable."""
+        return {kind: gate.prob_nonzero() for kind, gate in self.gates.items()}
+
+    def block_factors(
+        self, block: GatedBlock, values: dict[str, Tensor]
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(unit gates (units,), block multiplier ())`` of ``block`` from per-kind ``values``.
+
+        The block multiplier is the block gate times 1[any unit open], so a block whose units are
+        all closed contributes nothing at all (not even its output bias), like its sliced form.
+        """
+        units = None
+        if block.unit_offset is not None:
+            units = values[BLOCK_UNIT[block.kind]][block.unit_offset : block.unit_offset + block.units]
+        scale = None
+        if block.block_index is not None:
+            scale = values[BLOCK_GATE[block.kind]][block.block_index]
+        if units is not None:
+            any_open = (units.detach() > 0).any().to(units.dtype)
+            scale = any_open if scale is None else scale * any_open
+        return units, scale
+
+    def current(self) -> dict[str, Tensor]:
+        """The gate values of the running forward pass (drawn on first use if none yet)."""
+        if not self._values:
+            self.refresh()
+        return self._values
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The ``log_alpha`` of every kind."""
+        return [gate.log_alpha for gate in self.gates.values()]
+
+    def lambda_parameters(self) -> list[nn.Parameter]:
+        """The Lagrange multipliers ``lambda_1``, ``lambda_2``."""
+        return [self.lambda_1, self.lambda_2]
+
+    @torch.no_grad()
+    def step_(self, gate_lr: float, lambda_lr: float) -> None:
+        """Adam step of the gates and multipliers from their gradients, then clear the gradients."""
+        for kind, gate in self.gates.items():
+            self.moments[kind].step_(gate.log_alpha, gate_lr)
+        self.moments["lambda_1"].step_(self.lambda_1, lambda_lr)
+        self.moments["lambda_2"].step_(self.lambda_2, lambda_lr)
+        self.zero_grad(set_to_none=True)
+
+    # ---------------------------------------------------------------- sizes
+
+    def expected_size(self, probs: dict[str, Tensor] | None = None) -> Tensor:
+        """Expected parameter count of the model's layers (float64 scalar).
+
+        ``E = other + Σ_blocks p_block · ((1 − Π_i(1 − p_i)) · const + unit_params · Σ_i p_i)`` with
+        ``p`` = ``probs`` (default ``P(z ≠ 0)``). For 0/1 ``probs`` it is exactly the parameter count of
+        the sliced model's layers.
+        """
+        probs = self.probabilities() if probs is None else probs
+        total = torch.zeros((), dtype=torch.float64, device=self._device())
+        for block in self.blocks:
+            units, scale = self._block_probs(block, probs)
+            if units is None:
+                any_open, open_units = 1.0, float(block.units)
+            else:
+                any_open = 1 - torch.exp(torch.log1p(-units.clamp(max=1.0 - 1e-12)).sum())
+                any_open = torch.where((units >= 1).any(), torch.ones_like(any_open), any_open)
+                open_units = units.sum()
+            total = total + scale * (any_open * block.const_params + block.unit_params * open_units)
+        return total + self.other_params
+
+    def _block_probs(
+        self, block: GatedBlock, probs: dict[str, Tensor]
+    ) -> tuple[Tensor | None, Tensor | float]:
+        units = None
+        if block.unit_offset is not None:
+            units = probs[BLOCK_UNIT[block.kind]][
+                block.unit_offset : block.unit_offset + block.units
+            ].double()
+        scale = 1.0
+        if block.block_index is not None:
+            scale = probs[BLOCK_GATE[block.kind]][block.block_index].double()
+        return units, scale
+
+    def deterministic_size(self) -> int:
+        """Parameter count of the layers after slicing with the deterministic gates."""
+        masks = {kind: (value > 0).double() for kind, value in self.deterministic().items()}
+        return round(float(self.expected_size(masks)))
+
+    def _device(self) -> torch.device:
+        return self.lambda_1.device
+
+    # ---------------------------------------------------------------- hooks
+
+    def _unit_hook(self, block: GatedBlock) -> Callable:
+        def hook(_module: nn.Module, args: tuple) -> tuple | None:
+            units, _ = self.block_factors(block, self.current())
+            if units is None:
+                return None
+            x = args[0]  # (..., units * unit_width)
+            return (x * units.repeat_interleave(block.unit_width).to(x.dtype), *args[1:])
+
+        return hook
+
+    def _block_hook(self, block: GatedBlock) -> Callable:
+        def hook(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor | None:
+            _, scale = self.block_factors(block, self.current())
+            return None if scale is None else output * scale.to(output.dtype)
+
+        return hook
+
+    def install_hooks(self, model: nn.Module) -> None:
+        """Hook the gates into ``model``: a pre-hook on the model draws this forward's gates, hooks on
+        each block's output projection apply them. Idempotent."""
+        self.remove_hooks()
+        self._handles.append(model.register_forward_pre_hook(lambda *_: self.refresh()))
+        for block in self.blocks:
+            output = model.get_submodule(block.output)
+            self._hooked[block.output] = output
+            self._handles.append(output.register_forward_pre_hook(self._unit_hook(block)))
+            self._handles.append(output.register_forward_hook(self._block_hook(block)))
+
+    def unhooked_outputs(self, model: nn.Module) -> list[str]:
+        """Output projections that were replaced after the hooks went in (their gates no longer apply)."""
+        return [name for name, module in self._hooked.items() if model.get_submodule(name) is not module]
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this gate set registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._hooked.clear()
+        self._values = {}  # the last forward's gates (non-leaf tensors: they would block deepcopy)
+
+
+def attach_gates(
+    model: nn.Module,
+    blocks: list[Block],
+    units: list[str] | tuple[str, ...],
+    layer_params: int,
+    attribute: str = "lightcook_gates",
+    **gate_args: float,
+) -> GateSet:
+    """Create a :class:`GateSet` for ``blocks``, register it as ``model.<attribute>`` and hook it in.
+
+    Args:
+        model: the network (its state dict then holds ``<attribute>.gates.<kind>.log_alpha``).
+        blocks: from :func:`lightcook.ops.architectures.resolve_blocks`.
+        units: enabled unit kinds among ``heads``, ``neurons``, ``attention_layers``, ``ffn_layers``.
+        layer_params: parameters inside the layers (:func:`~lightcook.ops.architectures.layer_parameter_count`).
+        attribute: submodule name of the gate set.
+        gate_args: ``seed``, ``droprate_init``, ``beta``, ``limit_l``, ``limit_r`` for :class:`GateSet`.
+
+    Raises:
+        ValueError: ``model`` already has a gate set under ``attribute``, or no block carries an
+            enabled unit kind.
+    """
+    if hasattr(model, attribute):
+        raise ValueError(f"the model already has gates at {attribute!r} (structured pruning applied twice?)")
+    gated, sizes = _gated_blocks(blocks, set(units))
+    if not sizes:
+        raise ValueError(f"no block of the model carries any of the unit kinds {list(units)}")
+    gate_set = GateSet(gated, sizes, layer_params, **gate_args).train(model.training)
+    model.add_module(attribute, gate_set)
+    gate_set.install_hooks(model)
+    return gate_set
+
+
+def detach_gates(model: nn.Module, attribute: str = "lightcook_gates") -> GateSet | None:
+    """Remove the gate set's hooks and the submodule; return it (``None`` when there was none)."""
+    gate_set = getattr(model, attribute, None)
+    if gate_set is None:
+        return None
+    gate_set.remove_hooks()
+    delattr(model, attribute)
+    return gate_set
+
+
+def _gated_blocks(blocks: list[Block], enabled: set[str]) -> tuple[list[GatedBlock], dict[str, int]]:
+    sizes: dict[str, int] = {}
+    gated = []
+    for block in blocks:
+        unit_kind, block_kind = BLOCK_UNIT[block.kind], BLOCK_GATE[block.kind]
+        unit_offset = block_index = None
+        if unit_kind in enabled:
+            unit_offset = sizes.get(unit_kind, 0)
+            sizes[unit_kind] = unit_offset + block.units
+        if block_kind in enabled:
+            block_index = sizes.get(block_kind, 0)
+            sizes[block_kind] = block_index + 1
+        per_unit, const = block_counts(block)
+        gated.append(
+            GatedBlock(
+                block.name,
+                block.kind,
+                block.output,
+                block.units,
+                block.unit_width,
+                per_unit,
+                const,
+                unit_offset,
+                block_index,
+            )
+        )
+    return gated, sizes

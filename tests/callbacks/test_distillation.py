@@ -1,0 +1,541 @@
+"""DistillationCallback in real Trainer runs: loss composition, teacher isolation, projections through
+checkpoint/resume, causal and encoder-decoder models, composition with pruning, the Hydra app, errors."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from lightcook.app import CONFIG_DIR, train
+from lightcook.callbacks.base import CompressionCallback, replace_module
+from lightcook.callbacks.distillation import DistillationCallback, parse_hidden_map
+from lightcook.callbacks.sparsity import SparsityCallback
+from lightcook.modules import CausalLMModule, Seq2SeqLMModule
+from tests.conftest import TINY_LLAMA
+
+# A wider, deeper teacher with the same vocabulary: projections and the uniform layer map are exercised.
+WIDE_LLAMA = {**TINY_LLAMA, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 4}
+TINY_T5 = {
+    "model_type": "t5",
+    "vocab_size": 256,
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+    "num_heads": 4,
+    "dropout_rate": 0.0,
+    "decoder_start_token_id": 0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def wide_teacher(tmp_path_factory) -> Path:
+    """A saved random 4-layer, width-48 Llama (a teacher given by path)."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("teacher") / "wide_llama"
+    CausalLMModule(config=WIDE_LLAMA).model.save_pretrained(path)
+    return path
+
+
+def causal_loader(rows: int = 6, length: int = 16, pad_first: int = 4, seed: int = 0):
+    """Random token rows; the first row ends in ``pad_first`` padding positions."""
+    ids = torch.randint(2, 256, (rows, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, length - pad_first :] = 0
+    items = [{"input_ids": i, "attention_mask": m, "labels": i.clone()} for i, m in zip(ids, mask)]
+    return torch.utils.data.DataLoader(items, batch_size=2)
+
+
+def seq2seq_loader(rows: int = 4, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids, labels = (
+        torch.randint(2, 256, (rows, 12), generator=gen),
+        torch.randint(2, 256, (rows, 6), generator=gen),
+    )
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    labels[0, 4:] = -100
+    items = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels)]
+    return torch.utils.data.DataLoader(items, batch_size=2)
+
+
+def make_trainer(root, callbacks, max_steps=2, **kwargs) -> L.Trainer:
+    options = {
+        "accelerator": "cpu",
+        "max_steps": max_steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        **kwargs,
+    }
+    return L.Trainer(callbacks=callbacks, default_root_dir=str(root), **options)
+
+
+def student(**kwargs) -> CausalLMModule:
+    torch.manual_seed(0)
+    return CausalLMModule(config=TINY_LLAMA, lr=1e-2, min_lr_ratio=1.0, **kwargs)
+
+
+class StepOutputs(Callback):
+    """Records what each training step returned and logged."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.metrics: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+# --------------------------------------------------------------------------- loss composition
+
+
+def test_loss_is_task_plus_scaled_kd_and_matches_reference(tmp_path, wide_teacher):
+    module, loader = student(), causal_loader()
+    batch = next(iter(loader))
+    teacher = CausalLMModule(name_or_path=str(wide_teacher)).model.eval()
+    with torch.no_grad():  # reference at the initial weights, from HF outputs and F.kl_div
+        task_ref, s_out = module.compute_loss(batch)
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    kl_ref = 4.0 * F.kl_div(
+        F.log_softmax(s_out.logits[real] / 2, -1),
+        F.log_softmax(t_logits[real] / 2, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    kd = DistillationCallback(teacher=str(wide_teacher), temperature=2.0, task_scale=0.5, logits_scale=3.0)
+    record = StepOutputs()
+    make_trainer(tmp_path, [kd, record], max_steps=1).fit(module, loader)
+    first = record.metrics[0]
+    assert first["train/kd_logits"] == pytest.approx(float(kl_ref), rel=1e-4)
+    assert first["train/task_loss"] == pytest.approx(float(task_ref), rel=1e-5)
+    assert record.losses[0] == pytest.approx(
+        0.5 * first["train/task_loss"] + 3.0 * first["train/kd_logits"], rel=1e-5
+    )
+    assert first["train/loss"] == pytest.approx(record.losses[0], rel=1e-6)
+    assert "training_step" not in module.__dict__  # the wrapper is gone after fit
+
+
+# --------------------------------------------------------------------------- teacher isolation
+
+
+def test_teacher_frozen_outside_parameters_and_checkpoint(tmp_path, wide_teacher):
+    module = student()
+    kd = DistillationCallback(
+        teacher=str(wide_teacher), hidden_scale=1.0, hidden_map=["model.layers.1:model.layers.3"]
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=3)
+    before_student = {k: v.clone() for k, v in module.state_dict().items()}
+    seen_teacher = {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            teacher = kd.teacher_model
+            seen_teacher.update(
+                training=teacher.training, grads=any(p.requires_grad for p in teacher.parameters())
+            )
+            seen_teacher.setdefault("state", {k: v.clone() for k, v in teacher.state_dict().items()})
+            seen_teacher["optimized"] = {
+                id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]
+            }
+
+    make_trainer(tmp_path, [kd, Probe(), ckpt], max_steps=3, enable_checkpointing=True).fit(
+        module, causal_loader()
+    )
+    teacher = kd.teacher_model
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in module.parameters()}
+    assert not teacher_ids & seen_teacher["optimized"]
+    assert seen_teacher["training"] is False and seen_teacher["grads"] is False
+    for key, value in teacher.state_dict().items():  # unchanged by training
+        assert torch.equal(value, seen_teacher["state"][key]), key
+    assert any(
+        not torch.equal(module.state_dict()[k], v) for k, v in before_student.items()
+    )  # student trained
+
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    keys = set(saved["state_dict"])
+    assert keys == set(module.state_dict())  # student + projections, nothing of the teacher
+    assert {k for k in keys if k.startswith("kd_projections.")} == {
+        "kd_projections.hidden_0.weight",
+        "kd_projections.hidden_0.bias",
+    }
+    teacher_only = {f"model.{k}" for k in teacher.state_dict()} - set(module.state_dict())
+    assert teacher_only and not teacher_only & keys  # e.g. model.model.layers.3.* exist only in the teacher
+    assert saved["callbacks"]["DistillationCallback"] == {"kd_steps": 3}
+
+
+def test_projection_trains_and_survives_resume(tmp_path, wide_teacher):
+    def kd() -> DistillationCallback:
+        return DistillationCallback(
+            teacher=str(wide_teacher),
+            hidden_scale=1.0,
+            hidden_map=["model.layers.0:model.layers.1", "[pre]model.layers.1:[pre]model.layers.3"],
+        )
+
+    # One batch per epoch: Lightning 2.6 replays a plain DataLoader from its start on resume, so with
+    # several batches the data order (not the callback) would make the runs differ.
+    loader = causal_loader(rows=2)
+    straight, initial = student(), {}
+
+    class Initial(Callback):
+        def on_fit_start(self, trainer, pl_module):  # projections exist from setup on
+            initial.update({k: v.clone() for k, v in pl_module.kd_projections.state_dict().items()})
+
+    make_trainer(tmp_path / "a", [kd(), Initial()], max_steps=6).fit(straight, loader)
+    assert set(initial) == {"hidden_0.weight", "hidden_0.bias", "hidden_1.weight", "hidden_1.bias"}
+    for key, value in straight.kd_projections.state_dict().items():  # the optimizer trained them
+        assert not torch.equal(value, initial[key]), key
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    make_trainer(tmp_path / "b", [kd(), ckpt], max_steps=3, enable_checkpointing=True).fit(student(), loader)
+    resumed, callback = student(), kd()
+    with torch.no_grad():  # scramble: everything must come from the checkpoint
+        for p in resumed.parameters():
+            p.add_(1.0)
+    make_trainer(tmp_path / "c", [callback], max_steps=6).fit(
+        resumed, loader, ckpt_path=tmp_path / "b" / "last.ckpt"
+    )
+    assert callback.state["kd_steps"] == 6
+    for key, value in straight.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6), key
+
+
+# --------------------------------------------------------------------------- every term, both model kinds
+
+
+def test_causal_all_terms_with_deeper_wider_bf16_teacher(tmp_path, wide_teacher):
+    module = student()
+    kd = DistillationCallback(
+        teacher=str(wide_teacher),
+        teacher_dtype="bf16",
+        hidden_scale=1.0,
+        hidden_map=["[post]model.layers.0:[post]model.layers.1"],
+        attention_scale=1.0,
+        attention_kind="kl",
+        contrastive_scale=0.5,
+        contrastive_negatives="batch",
+        memory_bank_size=20,
+    )
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["attn"] = (
+                pl_module.model.config._attn_implementation,
+                kd.teacher_model.config._attn_implementation,
+            )
+
+    record = StepOutputs()
+    make_trainer(tmp_path, [kd, Probe(), record], max_steps=3).fit(module, causal_loader())
+    assert kd._attention_pairs == {"attentions": [(0, 1), (1, 3)]}  # uniform: 2 student layers, 4 teacher
+    assert seen["attn"] == ("eager", "eager")
+    assert module.model.config._attn_implementation == "sdpa"  # restored at teardown
+    assert next(kd.teacher_model.parameters()).dtype == torch.bfloat16
+    assert set(module.kd_projections) == {"hidden_0", "contrastive"}
+    assert kd._bank.shape == (20, 48)
+    for metrics in record.metrics:
+        terms = [metrics[f"train/kd_{k}"] for k in ("logits", "hidden", "attention", "contrastive")]
+        assert all(torch.isfinite(torch.tensor(terms))) and all(v > 0 for v in terms)
+
+
+def test_encoder_decoder_t5_all_terms(tmp_path):
+    torch.manual_seed(0)
+    module = Seq2SeqLMModule(config=TINY_T5, lr=1e-2)
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    kd = DistillationCallback(  # teacher = the starting model, rebuilt from the config
+        hidden_scale=1.0,
+        hidden_map=["encoder.block.1:encoder.block.1", "decoder.block.0:decoder.block.1"],
+        attention_scale=1.0,
+        contrastive_scale=1.0,
+    )
+    record = StepOutputs()
+    make_trainer(tmp_path, [kd, record], max_steps=2).fit(module, seq2seq_loader())
+    assert kd._hidden_sides == ["encoder", "decoder"]
+    assert set(kd._attention_pairs) == {"encoder_attentions", "decoder_attentions"}
+    assert record.metrics[0]["train/kd_logits"] == pytest.approx(
+        0.0, abs=1e-6
+    )  # teacher == student at step 0
+    assert record.metrics[1]["train/kd_logits"] > 1e-6 and record.metrics[1]["train/kd_hidden"] > 0
+    for key, value in kd.teacher_model.state_dict().items():  # the teacher is the untrained start
+        assert torch.equal(value, initial[key]), key
+    assert not any(p is q for p in module.parameters() for q in kd.teacher_model.parameters())
+
+
+def test_padding_changes_no_kd_term(tmp_path):
+    """Extra padded positions (with any token ids) leave every logged distillation term unchanged."""
+    ids = torch.randint(2, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    padded_ids = torch.cat([ids, torch.randint(2, 256, (2, 4))], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    values = []
+    for batch in (
+        {"input_ids": ids, "labels": ids},
+        {"input_ids": padded_ids, "attention_mask": mask, "labels": padded_ids},
+    ):
+        kd = DistillationCallback(
+            hidden_scale=1.0,
+            hidden_map=["model.layers.0:model.layers.1"],
+            attention_scale=1.0,
+            contrastive_scale=1.0,
+        )
+        module, record = student(), StepOutputs()
+        loader = torch.utils.data.DataLoader(
+            [{k: v[i] for k, v in batch.items()} for i in range(2)], batch_size=2
+        )
+        make_trainer(tmp_path, [kd, record], max_steps=1).fit(module, loader)
+        values.append({k: v for k, v in record.metrics[0].items() if k.startswith("train/")})
+    assert values[0].keys() == values[1].keys()
+    for key in values[0]:
+        assert values[1][key] == pytest.approx(values[0][key], rel=1e-4, abs=1e-6), key
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def test_with_pruning_the_teacher_stays_dense(tmp_path):
+    module = student()
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    prune = SparsityCallback(n=2, m=4)
+    kd = DistillationCallback(temperature=2.0)  # listed after pruning: still the uncompressed start
+    record = StepOutputs()
+    make_trainer(tmp_path, [prune, kd, record], max_steps=2).fit(module, causal_loader())
+    q_student = module.model.model.layers[0].self_attn.q_proj.weight
+    q_teacher = kd.teacher_model.model.layers[0].self_attn.q_proj.weight
+    assert bool(((q_student.reshape(-1, 4) != 0).sum(-1) <= 2).all())  # student is 2:4
+    assert torch.equal(
+        q_teacher, initial["model.layers.0.self_attn.q_proj.weight"]
+    )  # teacher dense, untouched
+    assert not any("weight_mask" in k for k in kd.teacher_model.state_dict())
+    assert record.metrics[0]["train/kd_logits"] > 1e-4  # pruned student differs from the dense teacher
+
+
+class _WrapDownProj(CompressionCallback):
+    """A compression callback that restructures the model in setup (a module swap)."""
+
+    config_key = "compress.swap"
+
+    def prepare_model(self, trainer, pl_module):
+        layer = pl_module.model.model.layers[0].mlp
+        replace_module(layer, "down_proj", nn.Sequential(layer.down_proj))
+
+
+def test_teacher_student_after_restructuring_names_the_callback(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"compress.kd.teacher: .*compress.swap already changed it.*list kd before"
+    ):
+        make_trainer(tmp_path, [_WrapDownProj(), DistillationCallback()]).fit(student(), causal_loader())
+    module = student()  # kd first: the copy is taken before the swap
+    kd = DistillationCallback()
+    make_trainer(tmp_path, [kd, _WrapDownProj()], max_steps=1).fit(module, causal_loader())
+    assert isinstance(kd.teacher_model.model.layers[0].mlp.down_proj, nn.Linear)
+
+
+# --------------------------------------------------------------------------- the Hydra app
+
+
+def test_app_plus_compress_kd_logs_kd_terms(compose):
+    cfg = compose(
+        "model=tiny_llama",
+        "trainer=fast",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=1",
+        "data.batch_size=2",
+        "data.block_size=32",
+        "validate_before=false",
+        "save_model=false",
+        "callbacks=none",
+        "+compress=[kd]",
+        "compress.kd.hidden_scale=0.5",
+        "compress.kd.hidden_map=[model.layers.1:model.layers.1]",
+    )
+    assert cfg.compress.kd._target_ == "lightcook.callbacks.distillation.DistillationCallback"
+    summary = train(cfg)
+    with open(Path(summary["run_dir"]) / "csv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [float(r["train/kd_logits"]) for r in rows if r.get("train/kd_logits")]
+    assert len(logged) == 2 and logged[0] == pytest.approx(0.0, abs=1e-6) and logged[1] > 0
+    assert any(r.get("train/kd_hidden") for r in rows) and any(r.get("train/task_loss") for r in rows)
+    assert summary["compress"] == ["kd"] and summary["val_ppl_after"] is not None
+
+
+def test_kd_yaml_lists_and_comments_every_argument():
+    path = CONFIG_DIR / "compress" / "kd.yaml"
+    lines = path.read_text().splitlines()
+    assert (
+        lines[0] == "# @package compress.kd"
+    )  # lands under cfg.compress.kd (Hydra 1.3 has no _group_/_name_)
+    node = yaml.safe_load(path.read_text())
+    arguments = set(inspect.signature(DistillationCallback).parameters)
+    assert set(node) - {"_target_"} == arguments
+    for line in lines[1:]:
+        if line.strip() and not line.lstrip().startswith("#") and not line.startswith("_target_"):
+            assert " # " in line, f"uncommented field: {line}"
+    DistillationCallback(**{k: v for k, v in node.items() if k != "_target_"})  # the defaults are valid
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"logits_scale": 0.0}, r"compress.kd: every distillation scale is 0"),
+        ({"logits_scale": -1.0}, r"compress.kd.logits_scale: must be a finite number >= 0"),
+        ({"hidden_scale": 1.0}, r"compress.kd.hidden_map: hidden_scale > 0 needs"),
+        (
+            {"hidden_scale": 1.0, "hidden_map": ["model.layers.0"]},
+            r"compress.kd.hidden_map\[0\]: 'model.layers.0' is not",
+        ),
+        (
+            {"hidden_scale": 1.0, "hidden_map": ["[mid]a:b"]},
+            r"compress.kd.hidden_map\[0\]: unknown point \[mid\]",
+        ),
+        ({"teacher_dtype": "int8"}, r"compress.kd.teacher_dtype: got 'int8', allowed: null, float32"),
+        ({"temperature": 0}, r"compress.kd.temperature: must be > 0"),
+        ({"attention_kind": "l1"}, r"compress.kd.attention_kind: got 'l1', allowed: mse, kl"),
+        (
+            {"attention_layers": ["0-1"]},
+            r"compress.kd.attention_layers\[0\]: expected 'student_layer:teacher_layer'",
+        ),
+        (
+            {"contrastive_negatives": "queue"},
+            r"compress.kd.contrastive_negatives: got 'queue', allowed: sequence, batch",
+        ),
+        ({"memory_bank_size": -1}, r"compress.kd.memory_bank_size"),
+        ({"teacher": ""}, r"compress.kd.teacher"),
+        ({"logits_scale": 0.0, "name": "kd2"}, r"compress.kd2: every distillation scale is 0"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"hidden_scale": 1.0, "hidden_map": ["model.layers.7:model.layers.1"]},
+            r"compress.kd.hidden_map\[0\]: the student has no module 'model.layers.7'",
+        ),
+        (
+            {"hidden_scale": 1.0, "hidden_map": ["model.layers.1:model.layers.9"]},
+            r"compress.kd.hidden_map\[0\]: the teacher has no module 'model.layers.9'",
+        ),
+        (
+            {"hidden_scale": 1.0, "hidden_map": ["model.layers.1:model.layers.3"], "projection": False},
+            r"compress.kd.hidden_map\[0\]: widths differ \(student 32, teacher 48\) and compress.kd.projection is false",
+        ),
+        (
+            {"contrastive_scale": 1.0, "projection": False},
+            r"compress.kd.contrastive_scale: widths differ \(student 32, teacher 48\)",
+        ),
+        (
+            {"attention_scale": 1.0, "attention_layers": ["1:4"]},
+            r"compress.kd.attention_layers: pair 1:4 is out of range",
+        ),
+    ],
+)
+def test_bad_maps_fail_in_setup(tmp_path, wide_teacher, kwargs, match):
+    kd = DistillationCallback(teacher=str(wide_teacher), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, [kd]).fit(student(), causal_loader())
+
+
+def test_vocabulary_mismatch_and_missing_teacher(tmp_path):
+    other = tmp_path / "other_vocab"
+    CausalLMModule(config={**TINY_LLAMA, "vocab_size": 300}).model.save_pretrained(other)
+    with pytest.raises(
+        ValueError, match=r"compress.kd.teacher: vocabulary mismatch: .* 300 tokens, the student 256"
+    ):
+        make_trainer(tmp_path, [DistillationCallback(teacher=str(other))]).fit(student(), causal_loader())
+    with pytest.raises(ValueError, match=r"compress.kd.teacher="):
+        make_trainer(tmp_path, [DistillationCallback(teacher=str(tmp_path / "nowhere"))]).fit(
+            student(), causal_loader()
+        )
+
+
+def test_parse_hidden_map_defaults_to_post():
+    (pair,) = parse_hidden_map([" [pre]model.layers.0 : model.layers.2 "])
+    assert (pair.student, pair.student_point, pair.teacher, pair.teacher_point) == (
+        "model.layers.0",
+        "pre",
+        "model.layers.2",
+        "post",
+    )
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_smollm2_teacher_is_the_pretrained_model_even_when_pruned(tmp_path):
+    from lightcook.data import TextDataModule
+
+    module = CausalLMModule(name_or_path="smollm2-135m-instruct", lr=1e-5)
+    reference = module.model.model.layers[3].mlp.up_proj.weight.detach().clone()
+    data = TextDataModule(tokenizer="smollm2-135m-instruct", block_size=128, batch_size=2)
+    prune, kd = SparsityCallback(n=2, m=4), DistillationCallback(temperature=2.0)
+    record = StepOutputs()
+    make_trainer(tmp_path, [prune, kd, record], max_steps=2).fit(module, data)
+    assert torch.equal(kd.teacher_model.model.layers[3].mlp.up_proj.weight, reference)
+    assert record.metrics[0]["train/kd_logits"] > 0.05  # 2:4 pruning moved the student away
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+class _DDPProbe(Callback):
+    """Inside each rank: the teacher is outside the DDP wrapper and identical across ranks."""
+
+    def __init__(self, kd: DistillationCallback, out: Path) -> None:
+        self.kd, self.out = kd, str(out)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = trainer.strategy.model
+        assert isinstance(wrapped, DistributedDataParallel)
+        teacher = {id(p) for p in self.kd.teacher_model.parameters()}
+        assert not teacher & {id(p) for p in wrapped.parameters()}
+        projection = {id(p) for p in pl_module.kd_projections.parameters()}
+        optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        synced = projection <= {id(p) for p in wrapped.parameters()} and projection <= optimized
+        q = self.kd.teacher_model.model.layers[0].self_attn.q_proj.weight
+        mark = Path(self.out, f"rank{trainer.global_rank}-step{trainer.global_step}")
+        mark.write_text(f"{float(q.sum()):.6f} projection trained and synced: {synced}")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_spawn(tmp_path, wide_teacher):
+    kd = DistillationCallback(
+        teacher=str(wide_teacher), hidden_scale=1.0, hidden_map=["model.layers.1:model.layers.3"]
+    )
+    trainer = make_trainer(
+        tmp_path, [kd, _DDPProbe(kd, tmp_path)], max_steps=2, strategy="ddp_spawn", devices=2
+    )
+    module = student()
+    trainer.fit(module, causal_loader(rows=8))
+    marks = {p.name: p.read_text() for p in tmp_path.glob("rank*-step*")}
+    assert set(marks) == {f"rank{r}-step{s}" for r in (0, 1) for s in (0, 1)}
+    assert len(set(marks.values())) == 1  # the same frozen teacher on both ranks, unchanged by steps
+    assert next(iter(marks.values())).endswith("projection trained and synced: True")
+    # ddp_spawn trains in child processes: the parent module never gets the setup-time projections
+    # (nor other callbacks' masks); use strategy=ddp (re-launched ranks) to keep them.

@@ -1,0 +1,423 @@
+"""MoEficationCallback in real Lightning runs: FFN swap, the split at split_step after restore,
+ReLU-fication, router fine-tuning, crash-and-resume, DDP, misconfiguration, the app."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightcook.app import train
+from lightcook.callbacks.moefication import HEATMAP, REPORT, MoEficationCallback, write_heatmap_png
+from lightcook.export.moe import load_moe
+from lightcook.modules import CausalLMModule
+from lightcook.ops.moe import MoEFFN
+from tests.conftest import TINY_LLAMA
+
+VOCAB, LAYERS, D_FF = 256, 2, 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_module(seed: int = 0, **config) -> CausalLMModule:
+    torch.manual_seed(seed)
+    return CausalLMModule(config={**TINY_LLAMA, **config}, tokenizer=None, lr=1e-2)
+
+
+def token_loader(batches: int = 4, batch_size: int = 2, seq: int = 16, seed: int = 0) -> DataLoader:
+    ids = torch.randint(0, VOCAB, (batches * batch_size, seq), generator=torch.Generator().manual_seed(seed))
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+    return DataLoader(rows, batch_size=batch_size, shuffle=False)
+
+
+def make_trainer(root: Path, callbacks: list, **kwargs) -> L.Trainer:
+    settings = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 3,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    return L.Trainer(default_root_dir=root, callbacks=callbacks, **{**settings, **kwargs})
+
+
+def small_cb(**kwargs) -> MoEficationCallback:
+    args = {"num_experts": 8, "top_k": 2, "calibration_batches": 2, "router_steps": 20, "router_hidden": 16}
+    return MoEficationCallback(**{**args, **kwargs})
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_setup_swaps_every_ffn_and_keeps_the_dense_function(tmp_path):
+    module = tiny_module()
+    before = {n: p for n, p in module.model.named_parameters()}
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        dense = module.model.eval()(ids).logits
+    cb = small_cb()
+    cb.prepare_model(None, module)
+    moes = {n: m for n, m in module.model.named_modules() if isinstance(m, MoEFFN)}
+    assert sorted(moes) == sorted(cb.moe_modules) == [f"model.layers.{i}.mlp" for i in range(LAYERS)]
+    for name, moe in moes.items():
+        assert moe.gate_proj.weight is before[f"{name}.gate_proj.weight"]  # same Parameters, same names
+        assert not bool(moe.routed) and torch.equal(moe.perm, torch.arange(D_FF))
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(ids).logits, dense)  # identity until the split
+    cb.prepare_model(None, module)  # set up again (a second Trainer): kept as is
+    assert all(module.model.get_submodule(n) is m for n, m in moes.items())
+
+
+def test_split_at_step_zero_partitions_permutes_and_routes(tmp_path):
+    module = tiny_module()
+    originals = {
+        i: layer.mlp.gate_proj.weight.detach().clone() for i, layer in enumerate(module.model.model.layers)
+    }
+    cb = small_cb(split="kmeans", router="mlp")
+    trainer = make_trainer(tmp_path, [cb], max_steps=1)
+    trainer.fit(module, token_loader())
+    assert cb.state["split_done"] and cb.state["split_at_step"] == 0
+    assert cb.state["calibration_tokens"] == 2 * 2 * 16
+    for i, layer in enumerate(module.model.model.layers):
+        moe = layer.mlp
+        assert sorted(moe.perm.tolist()) == list(range(D_FF)) and not torch.equal(
+            moe.perm, torch.arange(D_FF)
+        )
+        assert bool(moe.routed) and moe.top_k == 2 and moe.expert_size == D_FF // 8
+        # one step of training after the split; the permutation was applied to the original rows
+        assert torch.allclose(moe.gate_proj.weight, originals[i][moe.perm], atol=0.05)
+    assert cb.exports == {"moe": str(tmp_path / "moe")}
+
+
+def test_report_and_heatmap_are_written(tmp_path):
+    cb = small_cb()
+    make_trainer(tmp_path, [cb], max_steps=3).fit(tiny_module(), token_loader())
+    report = json.loads((tmp_path / REPORT).read_text())
+    load = torch.tensor(report["expert_load"])
+    assert load.shape == (LAYERS, 8) and int(load.sum()) == 3 * 2 * 16 * 2 * LAYERS  # steps*B*T*k*layers
+    assert report["ffn_param_fraction"] == 0.25 and 0 < report["router_param_fraction"] < 0.2
+    png = (tmp_path / HEATMAP).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width == 8 * 8 and height == LAYERS * 8 + 2 + 8  # cells + gap + colour bar
+
+
+def test_write_heatmap_png_rejects_ragged_rows(tmp_path):
+    with pytest.raises(ValueError, match="rows of equal length"):
+        write_heatmap_png(tmp_path / "x.png", [[1.0, 2.0], [3.0]])
+
+
+@pytest.mark.parametrize("finetune", [True, False])
+def test_router_finetune_puts_routers_in_the_optimizer(tmp_path, finetune):
+    module = tiny_module()
+    cb = small_cb(router_finetune=finetune, split_step=1)
+    trainer = make_trainer(tmp_path, [cb], max_steps=3)
+    trainer.fit(module, token_loader())
+    in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    routers = [p for m in cb.moe_modules.values() for p in m.router.parameters()]
+    assert all((id(p) in in_optimizer) == finetune for p in routers)
+    if finetune:
+        state = trainer.optimizers[0].state
+        assert all(float(state[p]["step"]) == 2 for p in routers)  # moments reset at the split (step 1)
+
+
+def test_relufy_then_split_at_a_later_step(tmp_path):
+    module = tiny_module()
+    cb = small_cb(relufy=True, split_step=2)
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            mlp = pl_module.model.model.layers[0].mlp
+            seen.append((trainer.global_step, bool(mlp.relu), bool(mlp.routed)))
+
+    make_trainer(tmp_path, [cb, Probe()], max_steps=4).fit(module, token_loader())
+    # the split happens in this callback's on_train_batch_start at step 2 (before Probe sees the batch)
+    assert seen == [(0, True, False), (1, True, False), (2, True, True), (3, True, True)]
+    before, at_split = cb.state["sparsity_before"], cb.state["sparsity_at_split"]
+    assert before["zero_fraction"] == 0.0 and at_split["zero_fraction"] > 0.3  # SiLU -> ReLU
+    assert at_split["mass_fraction"] < before["mass_fraction"]
+    assert cb.state["split_at_step"] == 2 and cb.state["relu_active"]
+
+
+def test_split_permutes_adam_moments_of_the_ffn(tmp_path):
+    module = tiny_module()
+    cb = small_cb(split_step=1)
+    captured = {}
+
+    class Probe(Callback):  # runs after the callback's on_train_batch_start
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                p = pl_module.model.model.layers[0].mlp.gate_proj.weight
+                captured["moment"] = trainer.optimizers[0].state[p]["exp_avg"].clone()
+                captured["perm"] = pl_module.model.model.layers[0].mlp.perm.clone()
+
+    class Before(Callback):  # runs before it
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                p = pl_module.model.model.layers[0].mlp.gate_proj.weight
+                captured["before"] = trainer.optimizers[0].state[p]["exp_avg"].clone()
+
+    make_trainer(tmp_path, [Before(), cb, Probe()], max_steps=2).fit(module, token_loader())
+    assert torch.equal(captured["moment"], captured["before"][captured["perm"]])
+
+
+def test_training_loss_decreases_with_routing(tmp_path):
+    module = tiny_module()
+    cb = small_cb(top_k=4)
+    losses = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    make_trainer(tmp_path, [cb, Record()], max_steps=8).fit(module, token_loader(batches=1))
+    assert losses[-1] < losses[0]
+
+
+def test_split_without_batches_is_an_error():
+    module = tiny_module()
+    cb = small_cb()
+    cb.prepare_model(None, module)
+    with pytest.raises(RuntimeError, match=r"compress\.moe\.calibration_batches: no training batch"):
+        cb.split_experts(module, [])
+
+
+# --------------------------------------------------------------------------- resume
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _resume_run(root: Path, split_step: int, crash_at: int | None = None, ckpt_path: str | None = None):
+    module = tiny_module()
+    cb = small_cb(split_step=split_step, relufy=True, export_dir=None, plot=False)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True)
+    extra = [CrashAt(crash_at)] if crash_at is not None else []
+    trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=8, enable_checkpointing=True)
+    trainer.fit(module, token_loader(4), ckpt_path=ckpt_path)
+    return module, cb
+
+
+@pytest.mark.parametrize("split_step", [1, 5])  # split before the checkpoint / after resuming
+def test_crash_and_resume_matches_straight_run(tmp_path, split_step):
+    straight, cb_straight = _resume_run(tmp_path / "straight", split_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _resume_run(tmp_path / "crashed", split_step, crash_at=5)
+    last = tmp_path / "crashed" / "ckpt" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)  # primitives only
+    assert ckpt["global_step"] == 4
+    assert ckpt["callbacks"]["MoEficationCallback"]["split_done"] is (split_step < 4)
+    assert any(k.endswith("mlp.perm") for k in ckpt["state_dict"])
+    resumed, cb_resumed = _resume_run(tmp_path / "crashed", split_step, ckpt_path=str(last))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and sum(k.endswith("router.fc1.weight") for k in a) == LAYERS
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert cb_resumed.state_dict() == cb_straight.state_dict()
+    assert cb_resumed.state["split_at_step"] == split_step
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+class RankAgreement(Callback):
+    """Compares every tensor of the model across ranks (all_reduce max vs min); rank 0 writes the verdict."""
+
+    def __init__(self, cb: MoEficationCallback, out: str) -> None:
+        self.cb, self.out = cb, out
+
+    def on_train_end(self, trainer, pl_module):
+        state = {k: v.detach().double().flatten() for k, v in pl_module.model.state_dict().items()}
+        flat = torch.cat(list(state.values()))
+        hi = trainer.strategy.reduce(flat.clone(), reduce_op="max")
+        lo = trainer.strategy.reduce(flat.clone(), reduce_op="min")
+        differ, offset = [], 0
+        for key, value in state.items():
+            end = offset + value.numel()
+            if not torch.equal(hi[offset:end], lo[offset:end]):
+                differ.append(key)
+            offset = end
+        if trainer.is_global_zero:
+            Path(self.out).write_text(
+                json.dumps({"differ": differ, "world": trainer.world_size, "state": self.cb.state})
+            )
+
+
+@pytest.mark.slow  # ~45 s on a busy 2-core machine (two spawned processes); make test-slow runs it
+def test_ddp_spawn_two_ranks_agree(tmp_path):
+    cb = small_cb(split_step=1)
+    out = tmp_path / "verdict.json"
+    trainer = make_trainer(
+        tmp_path, [cb, RankAgreement(cb, str(out))], strategy="ddp_spawn", devices=2, max_steps=3
+    )
+    trainer.fit(tiny_module(), token_loader(8))
+    verdict = json.loads(out.read_text())
+    assert verdict["world"] == 2 and verdict["differ"] == []
+    assert verdict["state"]["split_done"] and verdict["state"]["split_at_step"] == 1
+    loaded = load_moe(tmp_path / "moe")  # rank 0 exported
+    assert sum(isinstance(m, MoEFFN) for m in loaded.modules()) == LAYERS
+    report = json.loads((tmp_path / REPORT).read_text())
+    assert (
+        int(torch.tensor(report["expert_load"]).sum()) == 2 * 2 * 2 * 16 * 2 * LAYERS
+    )  # ranks*steps*B*T*k*L
+
+
+# --------------------------------------------------------------------------- misconfiguration
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_experts": 0}, r"compress\.moe\.num_experts: must be an integer >= 1, got 0"),
+        ({"top_k": 9, "num_experts": 8}, r"compress\.moe\.top_k: must be <= num_experts \(8\), got 9"),
+        ({"top_k": 1.5}, r"compress\.moe\.top_k: must be an integer >= 1"),
+        (
+            {"split": "spectral"},
+            r"compress\.moe\.split: got 'spectral', allowed: kmeans, coactivation, random",
+        ),
+        ({"router": "gate"}, r"compress\.moe\.router: got 'gate', allowed: mlp, centroid, oracle, random"),
+        ({"relufy": "yes"}, r"compress\.moe\.relufy: got 'yes', allowed: true, false"),
+        ({"router_finetune": 1}, r"compress\.moe\.router_finetune: got 1, allowed: true, false"),
+        ({"plot": None}, r"compress\.moe\.plot: got None, allowed: true, false"),
+        ({"router_lr": 0}, r"compress\.moe\.router_lr: must be a number > 0"),
+        ({"router_loss_weight": -1}, r"compress\.moe\.router_loss_weight: must be a number >= 0"),
+        ({"router_steps": -1}, r"compress\.moe\.router_steps: must be an integer >= 0"),
+        ({"split_step": -2}, r"compress\.moe\.split_step: must be an integer >= 0"),
+        ({"calibration_batches": 0}, r"compress\.moe\.calibration_batches: must be an integer >= 1"),
+        ({"buckets": 0}, r"compress\.moe\.buckets: must be an integer >= 1"),
+        ({"router_hidden": 0}, r"compress\.moe\.router_hidden: must be an integer >= 1"),
+        ({"router_batch_size": 0}, r"compress\.moe\.router_batch_size: must be an integer >= 1"),
+        ({"kmeans_iters": 0}, r"compress\.moe\.kmeans_iters: must be an integer >= 1"),
+        ({"seed": -1}, r"compress\.moe\.seed: must be an integer >= 0"),
+        ({"export_dir": ""}, r"compress\.moe\.export_dir: must be null or a folder name"),
+        (
+            {"architecture": "bert"},
+            r"compress\.moe\.architecture: 'bert' is not a registered layout; registered: \[",
+        ),
+        ({"architecture": {"layerz": "x"}}, r"compress\.moe\.architecture: unknown keys \['layerz'\]"),
+        ({"top_k": 40, "name": "moe2"}, r"compress\.moe2\.top_k"),
+    ],
+)
+def test_bad_arguments_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoEficationCallback(**kwargs)
+
+
+class NoFFN(nn.Module):
+    """A network with the HF call convention but no FFN the registry knows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        logits = self.head(self.embed(input_ids))
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+        return type("Out", (), {"logits": logits, "loss": loss})()
+
+
+def test_model_without_recognisable_ffn_is_a_clear_error(tmp_path):
+    module = CausalLMModule(model=NoFFN())
+    with pytest.raises(
+        ValueError,
+        match=r"NoFFN \(model_type=None\) has no known layout; registered: .*compress\.moe\.architecture",
+    ):
+        make_trainer(tmp_path, [small_cb()]).fit(module, token_loader())
+
+
+def test_architecture_mapping_makes_a_custom_model_work():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ff = nn.Module()
+            self.ff.up, self.ff.down, self.ff.act = nn.Linear(16, 32), nn.Linear(32, 16), nn.GELU()
+
+    net = nn.Module()
+    net.blocks = nn.ModuleList([Block(), Block()])
+    mapping = {
+        "layers": "blocks",
+        "attention": None,
+        "ffn": {"path": "ff", "norm": "ff", "inputs": ["up"], "output": "down", "activation": "act"},
+    }
+    cb = MoEficationCallback(num_experts=4, top_k=1, architecture=mapping)
+    cb.prepare_model(None, net)
+    assert (
+        sorted(cb.moe_modules) == ["blocks.0.ff", "blocks.1.ff"] and not cb.moe_modules["blocks.0.ff"].gated
+    )
+
+
+def test_num_experts_not_dividing_the_intermediate_size(tmp_path):
+    module = tiny_module()
+    with pytest.raises(
+        ValueError,
+        match=r"compress\.moe\.num_experts: 5 does not divide the intermediate size 64 "
+        r"of model\.layers\.0\.mlp; allowed: a divisor such as",
+    ):
+        make_trainer(tmp_path, [small_cb(num_experts=5, top_k=1)]).fit(module, token_loader())
+    assert not any(isinstance(m, MoEFFN) for m in module.modules())  # nothing half-swapped
+
+
+def test_ffn_split_twice_with_other_settings_is_refused():
+    module = tiny_module()
+    small_cb().prepare_model(None, module)
+    with pytest.raises(ValueError, match=r"compress\.moe\.num_experts: .* already split into 8 experts"):
+        small_cb(num_experts=16, top_k=4).prepare_model(None, module)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def test_app_moe_run_exports_a_loadable_moe_model(compose):
+    trim = [
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=1",
+        "validate_before=false",
+        "save_model=false",
+        "compress.moe.router_steps=20",
+        "compress.moe.calibration_batches=2",
+    ]
+    summary = train(compose("model=tiny_llama", "trainer=fast", "+compress=[moe]", *trim))
+    run = Path(summary["run_dir"])
+    export = Path(summary["exports"]["moe"])
+    assert export == run / "moe" and summary["train_steps"] == 3
+    assert json.loads((run / "summary.json").read_text())["exports"] == {"moe": str(export)}
+    manifest = json.loads((export / "lightcook.json").read_text())
+    assert len(manifest["layers"]) == 2 and manifest["ffn_param_fraction"] == 0.25
+    assert (run / HEATMAP).is_file() and (run / REPORT).is_file()
+    model = load_moe(export)
+    ids = torch.randint(0, 49152, (2, 32))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (2, 32, 49152) and bool(torch.isfinite(logits).all())
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["callbacks"]["MoEficationCallback"]["split_done"] is True
+    with open(run / "csv" / "metrics.csv") as f:
+        columns = next(csv.reader(f))
+    assert {"moe/ffn_param_fraction", "moe/load_imbalance", "moe/load_imbalance/layer_1"} <= set(columns)

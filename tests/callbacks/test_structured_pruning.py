@@ -1,0 +1,402 @@
+"""StructuredPruningCallback in real Lightning runs: gradients reach the gates, the Lagrangian drives
+the model to the target, the export reloads with the live model's outputs, crash-and-resume is exact,
+DDP ranks agree, composition with distillation, misconfiguration, and the Hydra app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightcook.callbacks.structured_pruning import StructuredPruningCallback
+from lightcook.modules import CausalLMModule
+from lightcook.ops.architectures import layer_parameter_count
+from lightcook.ops.slicing import load_sliced
+from tests.ops.test_architectures import MYSTERY_LAYOUT, TINY, VOCAB, Mystery, distinct_params
+
+GATE_KEYS = (
+    "gates.heads.log_alpha",
+    "gates.neurons.log_alpha",
+    "gates.attention_layers.log_alpha",
+    "gates.ffn_layers.log_alpha",
+)
+
+
+def tiny_module(kind: str = "llama", seed: int = 0) -> CausalLMModule:
+    torch.manual_seed(seed)
+    return CausalLMModule(config=dict(TINY[kind]), tokenizer=None, lr=1e-2)
+
+
+def token_loader(batches: int = 4, batch_size: int = 2, seq: int = 16, seed: int = 0) -> DataLoader:
+    ids = torch.randint(0, VOCAB, (batches * batch_size, seq), generator=torch.Generator().manual_seed(seed))
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+    return DataLoader(rows, batch_size=batch_size, shuffle=False)
+
+
+def make_trainer(root: Path, callbacks: list, **kwargs) -> L.Trainer:
+    settings = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 4,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    return L.Trainer(default_root_dir=root, callbacks=callbacks, **{**settings, **kwargs})
+
+
+# --------------------------------------------------------------------------- misconfiguration
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_sparsity": 0.0}, r"compress.structured.target_sparsity: must lie strictly between 0 and 1"),
+        ({"target_sparsity": 1.0}, r"compress.structured.target_sparsity"),
+        ({"target_sparsity": 1.5}, r"compress.structured.target_sparsity"),
+        (
+            {"units": []},
+            r"compress.structured.units: choose at least one of \['attention_layers', 'ffn_layers', 'heads', 'neurons'\]",
+        ),
+        (
+            {"units": ["hidden"]},
+            r"compress.structured.units: 'hidden' \(hidden-dimension pruning\) is not implemented",
+        ),
+        (
+            {"units": ["heads", "channels"]},
+            r"compress.structured.units: unknown unit 'channels'; allowed: \[",
+        ),
+        ({"start_step": -1}, r"compress.structured.start_step: start_step must be >= 0"),
+        (
+            {"start_step": 5, "end_step": 4},
+            r"compress.structured.end_step: end_step \(4\) must be >= start_step \(5\)",
+        ),
+        ({"gate_lr": 0.0}, r"compress.structured.gate_lr: must be > 0, or null"),
+        ({"lambda_lr": -1.0}, r"compress.structured.lambda_lr: must be > 0"),
+        ({"droprate_init": 1.0}, r"compress.structured.droprate_init must lie in \(0, 1\)"),
+        ({"beta": 0.0}, r"compress.structured.beta must be > 0"),
+        ({"limit_l": 0.1}, r"compress.structured.limit_l/limit_r"),
+        ({"tolerance": 1.0}, r"compress.structured.tolerance: must lie in \[0, 1\)"),
+        ({"export_dir": " "}, r"compress.structured.export_dir: must be a folder name, or null"),
+        (
+            {"architecture": "falcon"},
+            r"compress.structured.architecture: 'falcon' is not a registered layout; registered: \[",
+        ),
+        (
+            {"architecture": {"layers": "x", "bogus": 1}},
+            r"compress.structured.architecture: unknown keys \['bogus'\]",
+        ),
+        ({"architecture": 3}, r"compress.structured.architecture: expected null, a layout name or a mapping"),
+    ],
+)
+def test_misconfiguration_names_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StructuredPruningCallback(**kwargs)
+
+
+def test_named_instance_uses_its_own_key():
+    with pytest.raises(ValueError, match=r"compress.cofi.target_sparsity"):
+        StructuredPruningCallback(target_sparsity=2, name="cofi")
+
+
+class MysteryLM(nn.Module):
+    """A non-Hugging-Face LM with the HF call convention (LayerNorm + MLP blocks only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.body = Mystery()
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        h = self.embed(input_ids)  # (B, T, 16)
+        for block in self.body.blocks:
+            h = h + block.ff.down(block.ff.act(block.ff.up(block.ln(h))))
+        logits = self.head(h)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+MYSTERY_IN_MODULE = {**MYSTERY_LAYOUT, "layers": "body.blocks"}
+
+
+def test_unknown_layout_without_mapping_fails_in_setup(tmp_path):
+    module = CausalLMModule(model=MysteryLM())
+    with pytest.raises(
+        ValueError,
+        match=r"compress.structured.architecture.*MysteryLM \(model_type=None\) has no known layout",
+    ):
+        make_trainer(tmp_path, [StructuredPruningCallback()]).fit(module, token_loader())
+
+
+def test_unit_kind_the_architecture_lacks_fails_in_setup(tmp_path):
+    module = CausalLMModule(model=MysteryLM())
+    cb = StructuredPruningCallback(units=["heads", "neurons"], architecture=MYSTERY_IN_MODULE)
+    with pytest.raises(
+        ValueError,
+        match=r"compress.structured.units: \['heads'\] not available for architecture 'custom'; allowed here: \['neurons', 'ffn_layers'\]",
+    ):
+        make_trainer(tmp_path, [cb]).fit(module, token_loader())
+
+
+def test_custom_layout_mapping_trains(tmp_path):
+    module = CausalLMModule(model=MysteryLM())
+    cb = StructuredPruningCallback(
+        units=["neurons"], architecture=MYSTERY_IN_MODULE, end_step=1, export_dir=None
+    )
+    start = (
+        module.model.lightcook_gates.gates.neurons.log_alpha.clone()
+        if hasattr(module.model, "lightcook_gates")
+        else None
+    )
+    make_trainer(tmp_path, [cb], max_steps=2).fit(module, token_loader())
+    assert start is None
+    assert not torch.allclose(
+        module.model.lightcook_gates.gates.neurons.log_alpha, torch.full((64,), 4.59512), atol=1e-4
+    )
+
+
+class ManualModule(CausalLMModule):
+    def __init__(self) -> None:
+        super().__init__(config=dict(TINY["llama"]), tokenizer=None)
+        self.automatic_optimization = False
+
+
+def test_manual_optimization_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="compress.structured: manual optimization is not supported"):
+        make_trainer(tmp_path, [StructuredPruningCallback()]).fit(ManualModule(), token_loader())
+
+
+class SwapOutput(Callback):
+    """Replaces a projection in setup, after the gates went in (a misordered module swap)."""
+
+    def setup(self, trainer, pl_module, stage):
+        layer = pl_module.model.model.layers[0].self_attn
+        layer.o_proj = nn.Linear(layer.o_proj.in_features, layer.o_proj.out_features, bias=False)
+
+
+def test_projection_replaced_after_gating_is_an_error(tmp_path):
+    with pytest.raises(
+        RuntimeError, match=r"\['model.layers.0.self_attn.o_proj'\] were replaced after the pruning gates"
+    ):
+        make_trainer(tmp_path, [StructuredPruningCallback(), SwapOutput()]).fit(tiny_module(), token_loader())
+
+
+# --------------------------------------------------------------------------- gradients and the Lagrangian
+
+
+class GradProbe(Callback):
+    """Records the first backward's gate samples and gradients, while the multipliers are still 0."""
+
+    def __init__(self, cb: StructuredPruningCallback) -> None:
+        self.cb, self.grads, self.samples, self.lambdas, self.in_optimizer = cb, {}, {}, None, None
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.grads:
+            return
+        gates = self.cb.gates
+        self.lambdas = (gates.lambda_1.item(), gates.lambda_2.item())
+        self.grads = {k: g.log_alpha.grad.clone() for k, g in gates.gates.items()}
+        self.samples = {k: v.detach().clone() for k, v in gates.current().items()}
+        ids = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.in_optimizer = any(id(p) in ids for p in gates.gate_parameters())
+
+
+def _has_slope(cb: StructuredPruningCallback, samples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where the loss can depend on a gate: sampled strictly inside (0, 1), and for a block gate,
+    some unit of its block open (a block whose units are all closed contributes nothing anyway)."""
+    slope = {kind: (z > 0) & (z < 1) for kind, z in samples.items()}
+    for block in cb.gates.blocks:
+        units, _ = cb.gates.block_factors(block, samples)
+        kind = "attention_layers" if block.kind == "attention" else "ffn_layers"
+        if units is not None and not bool((units > 0).any()):
+            slope[kind][block.block_index] = False
+    return slope
+
+
+def test_task_loss_gradient_reaches_every_gate_in_a_real_step(tmp_path):
+    """The gradient is nonzero exactly where the loss can depend on the sampled gate."""
+    cb = StructuredPruningCallback(droprate_init=0.5)
+    probe = GradProbe(cb)
+    make_trainer(tmp_path, [cb, probe], max_steps=1).fit(tiny_module(), token_loader())
+    assert probe.lambdas == (0.0, 0.0)  # the penalty contributes no gate gradient at step 0 ...
+    inside_somewhere = {}
+    for kind, slope in _has_slope(cb, probe.samples).items():  # ... so this is the task loss alone
+        assert torch.equal(probe.grads[kind] != 0, slope), kind
+        inside_somewhere[kind] = bool(slope.any())
+    assert inside_somewhere["heads"] and inside_somewhere["neurons"]
+    assert inside_somewhere["attention_layers"] or inside_somewhere["ffn_layers"]
+    assert probe.in_optimizer is False  # stepped by the callback's own Adam at gate_lr
+
+
+def test_target_warms_up_linearly():
+    cb = StructuredPruningCallback(target_sparsity=0.6, start_step=10, end_step=20)
+    assert [cb.target_at(s) for s in (0, 10, 15, 20, 99)] == [0.0, 0.0, pytest.approx(0.3), 0.6, 0.6]
+
+
+class Trace(Callback):
+    def __init__(self) -> None:
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        self.rows.append({k: float(m[k]) for k in m if k.startswith("compress/")})
+
+
+def test_reaches_the_target_freezes_and_exports(tmp_path):
+    module = tiny_module()
+    cb = StructuredPruningCallback(
+        target_sparsity=0.4, end_step=6, gate_lr=0.5, lambda_lr=1.0, droprate_init=0.1
+    )
+    trace = Trace()
+    make_trainer(tmp_path, [cb, trace], max_steps=20).fit(module, token_loader(8))
+    assert cb.state["phase"] == "fixed" and cb.state["frozen_at"] >= 6, cb.state
+    assert cb.summary["target_met"] and cb.summary["sparsity"] >= 0.395
+    targets = [row["compress/target_sparsity"] for row in trace.rows if "compress/target_sparsity" in row]
+    assert targets[:3] == [0.0, pytest.approx(0.4 / 6), pytest.approx(0.8 / 6)] and max(
+        targets
+    ) == pytest.approx(0.4)
+    assert min(row["compress/lambda_1"] for row in trace.rows) < 0  # ascent: pushes sparsity up
+    assert trace.rows[-1]["compress/phase"] == 1.0 and "training_step" not in module.__dict__
+    # the export reloads as a plain HF Llama with the live (gated, eval) model's outputs
+    sliced = load_sliced(cb.exports["structured"])
+    assert cb.exports["structured"] == str(tmp_path / "sliced")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    module.eval()
+    with torch.no_grad():
+        assert torch.allclose(sliced(ids).logits, module.model(ids).logits, atol=1e-5)
+    assert layer_parameter_count(sliced, cb._arch) == cb.summary["layer_parameters_deterministic"]
+    assert distinct_params(sliced) < 0.8 * (distinct_params(tiny_module().model))
+
+
+# --------------------------------------------------------------------------- resume, DDP
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _resume_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
+    module = tiny_module()
+    cb = StructuredPruningCallback(target_sparsity=0.3, end_step=3, gate_lr=0.3, export_dir=None)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_last=True)
+    extra = [CrashAt(crash_at)] if crash_at is not None else []
+    trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=6, enable_checkpointing=True)
+    trainer.fit(module, token_loader(3), ckpt_path=ckpt_path)
+    return module, cb
+
+
+def test_crash_and_resume_matches_straight_run(tmp_path):
+    straight, cb_straight = _resume_run(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _resume_run(tmp_path / "crashed", crash_at=3)
+    last = tmp_path / "crashed" / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=True)  # primitives only in the callback state
+    assert state["global_step"] == 3 and state["callbacks"]["StructuredPruningCallback"]["steps"] == 3
+    assert all(f"model.lightcook_gates.{k}" in state["state_dict"] for k in GATE_KEYS)
+    resumed, cb_resumed = _resume_run(tmp_path / "crashed", ckpt_path=str(last))
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and int(a["model.lightcook_gates.draws"]) == 6
+    assert cb_straight.state["phase"] == "fixed" or cb_straight.state["steps"] == 6
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert cb_resumed.state_dict() == cb_straight.state_dict()
+
+
+class DumpPerRank(Callback):
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow  # two spawned processes: ~30 s on a shared 2-core machine
+def test_ddp_spawn_two_ranks_agree(tmp_path):
+    cb = StructuredPruningCallback(target_sparsity=0.3, end_step=2, export_dir=None)
+    trainer = make_trainer(
+        tmp_path, [cb, DumpPerRank(str(tmp_path))], strategy="ddp_spawn", devices=2, max_steps=3
+    )
+    trainer.fit(tiny_module(), token_loader(6))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    alpha = "model.lightcook_gates.gates.neurons.log_alpha"
+    assert not torch.allclose(
+        ranks[0][alpha], torch.full_like(ranks[0][alpha], 4.59512), atol=1e-4
+    )  # gates moved
+    assert [k for k in ranks[0] if not torch.equal(ranks[0][k], ranks[1][k])] == []
+
+
+# --------------------------------------------------------------------------- composition and the app
+
+
+@pytest.mark.parametrize("kd_first", [False, True])
+def test_composes_with_distillation_in_either_order(tmp_path, kd_first):
+    distillation = pytest.importorskip("lightcook.callbacks.distillation")
+    callbacks = [StructuredPruningCallback(end_step=2, export_dir=None), distillation.DistillationCallback()]
+    if kd_first:
+        callbacks.reverse()
+    module = tiny_module()
+    trainer = make_trainer(tmp_path, callbacks, max_steps=1)
+    trainer.fit(module, token_loader(1))
+    metrics = trainer.callback_metrics
+    assert "train/kd_logits" in metrics and "compress/expected_sparsity" in metrics
+    assert "training_step" not in module.__dict__  # both wrappers removed
+
+
+def test_app_runs_and_reports_the_export(compose):
+    from lightcook.app import train
+
+    cfg = compose(
+        "model=tiny_llama",
+        "trainer=fast",
+        "+compress=[structured]",
+        "compress.structured.end_step=1",
+        "compress.structured.target_sparsity=0.3",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=1",
+        "save_model=false",
+    )
+    assert cfg.compress.structured._target_.endswith("StructuredPruningCallback")
+    summary = train(cfg)
+    export = Path(summary["exports"]["structured"])
+    assert export == Path(summary["run_dir"]) / "sliced" and (export / "lightcook.json").is_file()
+    model = load_sliced(export)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert summary["compress"] == ["structured"] and summary["val_ppl_after"] is not None
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_smollm2_gates_train_and_export(tmp_path):
+    from lightcook.data import TextDataModule
+
+    module = CausalLMModule(name_or_path="smollm2-135m-instruct")
+    data = TextDataModule(tokenizer="smollm2-135m-instruct", block_size=64, batch_size=2)
+    cb = StructuredPruningCallback(target_sparsity=0.5, end_step=2, gate_lr=0.5)
+    trainer = make_trainer(tmp_path, [cb], max_steps=3)
+    trainer.fit(module, data)
+    assert cb.gates.layer_params == layer_parameter_count(module.model, cb._arch)
+    sliced = load_sliced(cb.exports["structured"])
+    ids = torch.randint(0, 49152, (1, 16))
+    module.eval()
+    with torch.no_grad():
+        assert torch.allclose(sliced(ids).logits, module.model(ids).logits, atol=1e-4)

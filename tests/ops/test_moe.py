@@ -1,0 +1,368 @@
+"""MoEfication ops: balanced partitions, routers, and the MoE FFN against Hugging Face's own dense FFNs."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, LlamaConfig
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from lightcook.ops.moe import (
+    AddAuxiliaryLoss,
+    CentroidRouter,
+    MLPRouter,
+    MoEFFN,
+    OracleRouter,
+    RandomRouter,
+    _cut_groups,
+    activation_sparsity,
+    balanced_assign,
+    balanced_kmeans,
+    coactivation_partition,
+    expert_mass,
+    fit_centroid_router,
+    make_router,
+    partition_permutation,
+    random_partition,
+    router_loss,
+    train_mlp_router,
+)
+
+D, D_FF = 32, 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP barrier waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def llama_mlp(seed: int = 0, act: str = "silu") -> LlamaMLP:
+    torch.manual_seed(seed)
+    return LlamaMLP(LlamaConfig(hidden_size=D, intermediate_size=D_FF, hidden_act=act)).eval()
+
+
+def gpt2_mlp(seed: int = 0) -> GPT2MLP:
+    torch.manual_seed(seed)
+    mlp = GPT2MLP(D_FF, GPT2Config(n_embd=D)).eval()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.2)  # GPT-2 initialises biases to 0; non-zero ones test their permutation
+    return mlp
+
+
+def wrap(ffn: nn.Module, experts: int = 8, top_k: int = 2, router: str = "oracle", **kwargs) -> MoEFFN:
+    if isinstance(ffn, LlamaMLP):
+        return MoEFFN.from_ffn(
+            ffn, ["gate_proj", "up_proj"], "down_proj", "act_fn", True, experts, top_k, router, **kwargs
+        )
+    return MoEFFN.from_ffn(ffn, ["c_fc"], "c_proj", "act", False, experts, top_k, router, **kwargs)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def test_balanced_assign_fills_every_column_exactly():
+    cost = torch.rand(60, 6, generator=torch.Generator().manual_seed(0))
+    cost[:, 0] -= 1.0  # every row prefers column 0
+    labels = balanced_assign(cost, 10)
+    assert torch.bincount(labels, minlength=6).tolist() == [10] * 6
+    # column 0 gets the 10 rows that want it most
+    assert set(labels.eq(0).nonzero().squeeze(1).tolist()) == set(cost[:, 0].argsort()[:10].tolist())
+
+
+def test_balanced_assign_rejects_wrong_capacity():
+    with pytest.raises(ValueError, match="10 rows != 3 columns x capacity 3"):
+        balanced_assign(torch.rand(10, 3), 3)
+
+
+@pytest.mark.parametrize("experts", [2, 4, 8, 16])
+def test_balanced_kmeans_experts_have_exactly_d_ff_over_e_neurons(experts):
+    rows = torch.randn(D_FF, D, generator=torch.Generator().manual_seed(1))
+    labels = balanced_kmeans(rows, experts)
+    assert torch.bincount(labels, minlength=experts).tolist() == [D_FF // experts] * experts
+    assert torch.equal(labels, balanced_kmeans(rows, experts))  # deterministic
+
+
+def test_balanced_kmeans_recovers_planted_groups():
+    gen = torch.Generator().manual_seed(2)
+    centers = torch.randn(4, D, generator=gen) * 5
+    truth = torch.arange(D_FF) % 4
+    rows = centers[truth] + 0.3 * torch.randn(D_FF, D, generator=gen)
+    labels = balanced_kmeans(rows, 4)
+    for group in range(4):  # each planted group lands in one expert
+        assert labels[truth == group].unique().numel() == 1
+
+
+def test_coactivation_partition_groups_neurons_that_fire_together():
+    gen = torch.Generator().manual_seed(3)
+    groups = torch.randperm(D_FF, generator=gen) % 8  # 8 planted groups of 8 neurons
+    topic = torch.randint(0, 8, (500,), generator=gen)  # each token activates one group
+    h = (groups[None, :] == topic[:, None]).float() * torch.rand(500, D_FF, generator=gen)
+    labels = coactivation_partition(h.T @ h, 8)
+    assert torch.bincount(labels).tolist() == [8] * 8
+    assert all(labels[groups == g].unique().numel() == 1 for g in range(8))
+
+
+def test_coactivation_partition_of_a_singular_float32_gram():
+    h = torch.relu(torch.randn(20, D_FF, generator=torch.Generator().manual_seed(4)))  # rank <= 20 < 64
+    labels = coactivation_partition((h.T @ h).float(), 8)
+    assert torch.bincount(labels).tolist() == [8] * 8
+
+
+def test_random_partition_is_balanced_and_seeded():
+    a, b, c = random_partition(D_FF, 8, 0), random_partition(D_FF, 8, 0), random_partition(D_FF, 8, 1)
+    assert torch.bincount(a).tolist() == [8] * 8 and torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda: balanced_kmeans(torch.randn(10, 4), 3),
+        lambda: random_partition(10, 4),
+        lambda: coactivation_partition(torch.eye(10), 3),
+    ],
+)
+def test_partitions_reject_unequal_experts(fn):
+    with pytest.raises(ValueError, match="do not split into .* equal experts"):
+        fn()
+
+
+def test_partition_permutation_makes_experts_contiguous():
+    labels = random_partition(D_FF, 8, 5)
+    perm = partition_permutation(labels, 8)
+    assert sorted(perm.tolist()) == list(range(D_FF))
+    assert torch.equal(labels[perm], torch.arange(D_FF) // 8)
+
+
+# --------------------------------------------------------------------------- the MoE FFN: dense equivalence
+
+
+@pytest.mark.parametrize("make", [llama_mlp, gpt2_mlp])
+def test_permuted_dense_ffn_equals_the_original(make):
+    reference = make()
+    moe = wrap(copy.deepcopy(reference))
+    moe.permute_(partition_permutation(balanced_kmeans(moe.gate_rows(), 8), 8))
+    assert not torch.equal(moe.perm, torch.arange(D_FF))
+    x = torch.randn(3, 7, D)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), reference(x), atol=1e-5, rtol=1e-5)  # not routed: the dense FFN
+    first = moe.projections[0]
+    rows = first.weight.t() if type(first).__name__ == "Conv1D" else first.weight
+    ref_first = reference.c_fc.weight.t() if hasattr(reference, "c_fc") else reference.gate_proj.weight
+    assert torch.equal(rows, ref_first[moe.perm])  # physically permuted
+
+
+@pytest.mark.parametrize("make", [llama_mlp, gpt2_mlp])
+@pytest.mark.parametrize("router", ["centroid", "mlp", "random", "oracle"])
+def test_top_k_equal_to_e_is_the_dense_ffn(make, router):
+    reference = make()
+    moe = wrap(copy.deepcopy(reference), experts=8, top_k=8, router=router)
+    moe.permute_(partition_permutation(random_partition(D_FF, 8), 8))
+    moe.set_routed(True)
+    x = torch.randn(2, 9, D)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), reference(x), atol=1e-5, rtol=1e-5)  # sparse path (oracle: masked)
+
+
+def test_oracle_router_beats_a_random_router():
+    reference = llama_mlp(act="relu")
+    moe = wrap(copy.deepcopy(reference), experts=8, top_k=2, router="oracle")
+    moe.permute_(partition_permutation(balanced_kmeans(moe.gate_rows(), 8), 8))
+    moe.set_routed(True)
+    x = torch.randn(4, 64, D)
+    with torch.no_grad():
+        dense = reference(x)
+        oracle = relative_error(moe(x), dense)
+        moe.router = RandomRouter(8)
+        random = [relative_error(moe(x), dense) for _ in range(5)]
+    assert oracle < min(random) and oracle < 0.8 * sum(random) / 5
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 8, 100])
+@pytest.mark.parametrize("make", [llama_mlp, gpt2_mlp])
+def test_sparse_path_equals_masked_dense_path(make, buckets):
+    moe = wrap(make(), experts=8, top_k=3, router="centroid", buckets=buckets)
+    moe.permute_(partition_permutation(balanced_kmeans(moe.gate_rows(), 8), 8))
+    fit_centroid_router(moe.router, moe.gate_rows())
+    moe.set_routed(True)
+    x = torch.randn(2, 33, D)
+    with torch.no_grad():
+        sparse = moe(x)
+    with torch.enable_grad():
+        masked = moe(x)  # with gradients: dense computation with unselected experts zeroed
+    torch.testing.assert_close(sparse, masked.detach(), atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(moe(x), sparse)  # inference tensors get their own workspace
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), sparse)
+
+
+def test_sparse_path_never_reads_unselected_experts():
+    """Real conditional computation: an expert no token picks can hold NaN without effect."""
+    moe = wrap(llama_mlp(), experts=8, top_k=2, router="centroid")
+    moe.set_routed(True)
+    with torch.no_grad():
+        moe.router.centroids.normal_()
+        moe.router.centroids[5] = -1e4  # expert 5 never wins (inputs have a positive mean below)
+        x = torch.randn(2, 16, D) * 0.1 + 1.0
+        before = moe(x)
+        block = slice(5 * 8, 6 * 8)
+        moe.gate_proj.weight[block] = float("nan")
+        moe.up_proj.weight[block] = float("nan")
+        moe.down_proj.weight[:, block] = float("nan")
+        after = moe(x)
+        masked = moe._masked(x)
+    assert moe.load_counts[5] == 0
+    assert torch.isfinite(after).all() and torch.equal(after, before)
+    assert torch.isnan(masked).any()  # the dense computation does touch them
+
+
+def test_permute_also_permutes_adam_moments():
+    torch.manual_seed(0)
+    moe_a = wrap(llama_mlp(), router="mlp")
+    moe_b = copy.deepcopy(moe_a)
+    opt_a, opt_b = (torch.optim.Adam(m.parameters(), lr=1e-2) for m in (moe_a, moe_b))
+    x = torch.randn(4, 5, D)
+    for moe, opt in ((moe_a, opt_a), (moe_b, opt_b)):
+        moe(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    moe_b.permute_(partition_permutation(random_partition(D_FF, 8, 3), 8), [opt_b])
+    for moe, opt in ((moe_a, opt_a), (moe_b, opt_b)):  # one more step on both
+        moe(x).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(moe_b(x), moe_a(x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(moe_b.gate_proj.weight, moe_a.gate_proj.weight[moe_b.perm])
+
+
+def test_permute_keeps_mask_buffers_aligned():
+    moe = wrap(llama_mlp())
+    mask = (torch.rand(D_FF, D) > 0.5).float()
+    moe.gate_proj.register_buffer("weight_mask", mask.clone())
+    perm = partition_permutation(random_partition(D_FF, 8, 1), 8)
+    moe.permute_(perm)
+    assert torch.equal(moe.gate_proj.weight_mask, mask[perm])
+
+
+def test_relu_switch_changes_the_activation():
+    moe = wrap(llama_mlp())
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        silu = moe.intermediate(x)
+        moe.set_relu(True)
+        relu = moe.intermediate(x)
+    assert float((silu == 0).float().mean()) == 0.0 and float((relu == 0).float().mean()) > 0.3
+
+
+# --------------------------------------------------------------------------- routers
+
+
+def test_mlp_router_learns_the_oracle_ranking():
+    reference = llama_mlp(act="relu")
+    moe = wrap(copy.deepcopy(reference), experts=8, top_k=2, router="mlp", router_hidden=64)
+    moe.permute_(partition_permutation(balanced_kmeans(moe.gate_rows(), 8), 8))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, D, generator=gen)
+    with torch.no_grad():
+        mass = expert_mass(moe.intermediate(x), 8)
+    untrained = router_loss(moe.router(x[:500]), mass[:500]).item()
+    final = train_mlp_router(moe.router, x[500:], mass[500:], steps=300, lr=3e-3, batch_size=256)
+    with torch.no_grad():
+        held_out = router_loss(moe.router(x[:500]), mass[:500]).item()
+        picked = moe.router(x[:500]).topk(2, 1).indices
+    best = mass[:500].topk(2, 1).indices
+    overlap = (picked[:, :, None] == best[:, None, :]).any(2).float().mean().item()
+    assert held_out < untrained and final < untrained
+    assert overlap > 0.5  # random choice overlaps 2/8 = 0.25 on average
+
+
+def test_centroid_router_centroids_are_expert_means():
+    router = CentroidRouter(D, 4)
+    rows = torch.randn(16, D)
+    fit_centroid_router(router, rows)
+    torch.testing.assert_close(router.centroids[1], rows[4:8].mean(0))
+    torch.testing.assert_close(router(rows[:3]), rows[:3] @ router.centroids.t())
+
+
+def test_make_router_kinds_and_error():
+    assert isinstance(make_router("mlp", D, 4, 8), MLPRouter)
+    assert isinstance(make_router("oracle", D, 4), OracleRouter)
+    with pytest.raises(ValueError, match="router: got 'learned', allowed: mlp, centroid, oracle, random"):
+        make_router("learned", D, 4)
+
+
+def test_router_finetune_gradient_leaves_the_output_unchanged():
+    moe = wrap(llama_mlp(), router="mlp", router_loss_weight=1.0).train()
+    moe.set_routed(True)
+    x = torch.randn(2, 6, D)
+    out = moe(x)
+    assert moe.last_router_loss is not None
+    out.sum().backward()
+    assert moe.router.fc1.weight.grad is not None and moe.router.fc1.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(out.detach(), moe.eval()(x))  # same function as the sparse path
+
+
+def test_add_auxiliary_loss_sends_gradient_one():
+    w = torch.tensor(2.0, requires_grad=True)
+    x = torch.ones(3, requires_grad=True)
+    y = AddAuxiliaryLoss.apply(x, w * 5.0)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert float(w.grad) == 5.0 and torch.equal(x.grad, torch.ones(3))
+
+
+# --------------------------------------------------------------------------- errors, statistics, bucketing
+
+
+def test_moe_ffn_errors():
+    with pytest.raises(ValueError, match="64 neurons do not split into 5 equal experts"):
+        wrap(llama_mlp(), experts=5)
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 8\], got 9"):
+        wrap(llama_mlp(), experts=8, top_k=9)
+    mlp = llama_mlp()
+    with pytest.raises(ValueError, match="a gated FFN needs two input projections"):
+        MoEFFN(
+            {"gate_proj": mlp.gate_proj}, ("down_proj", mlp.down_proj), nn.SiLU(), 8, 2, OracleRouter(8), True
+        )
+
+
+def test_activation_sparsity_reference_values():
+    h = torch.tensor([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    stats = activation_sparsity(h, mass=0.9)
+    assert stats["zero_fraction"] == 3 / 8
+    assert stats["mass_fraction"] == pytest.approx((1 / 4 + 4 / 4) / 2)
+
+
+def _brute_force_groups(loads: list[int], groups: int) -> float:
+    best = float("inf")
+    n = len(loads)
+    for cuts in range(groups):
+        for inner in itertools.combinations(range(1, n), cuts):
+            bounds = [0, *inner, n]
+            best = min(best, sum((b - a) * loads[a] for a, b in zip(bounds, bounds[1:])))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cut_groups_is_optimal(seed):
+    gen = torch.Generator().manual_seed(seed)
+    loads = sorted(torch.randint(1, 50, (7,), generator=gen).tolist(), reverse=True)
+    cuts = _cut_groups(loads, 3)
+    assert cuts[0][0] == 0 and cuts[-1][1] == 7 and len(cuts) <= 3
+    assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
+    assert sum((b - a) * loads[a] for a, b in cuts) == _brute_force_groups(loads, 3)
