@@ -441,6 +441,7 @@ def goals(args, res: dict[str, Any], ppl: dict[str, float], dense_ft: float) -> 
     fp32 = [r["fp32"] / r["int8 layer"] for r in res["layers"]]
     bf16 = [r["bf16"] / r["int8 layer"] for r in res["layers"]]
     e2e = res["e2e"]
+    w2 = [] if args.w2 else ["- W2A8 (PTQ and QAT with each method) was not part of this run (`--w2`)."]
     return [
         "Targets of issue #3 against this run:",
         "",
@@ -453,6 +454,7 @@ def goals(args, res: dict[str, Any], ppl: dict[str, float], dense_ft: float) -> 
         f"{min(bf16):.2f}x to {max(bf16):.2f}x (end to end at 8 x 256: "
         f"{e2e['dense fp32'] / e2e['W8A8 int8 export']:.2f}x fp32, "
         f"{e2e['dense bf16'] / e2e['W8A8 int8 export']:.2f}x bf16).",
+        *w2,
     ]
 
 

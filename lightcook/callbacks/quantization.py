@@ -157,8 +157,9 @@ class QuantizationCallback(CompressionCallback):
     Raises:
         ValueError: in ``__init__``, an argument outside its allowed values (the message names
             ``compress.quant.<arg>`` and lists them); in ``setup``, a target pattern matching no
-            Linear, a targeted embedding, a group size not dividing a layer's input features, or a
-            layer already quantized with other settings.
+            Linear, a targeted embedding, a group size not dividing a layer's input features, a
+            layer already quantized with other settings, or a GPT-2 ``Conv1D`` carrying another
+            callback's buffers (N:M masks).
         RuntimeError: static activations with no batch to calibrate on.
 
     Example:
