@@ -43,7 +43,17 @@ from lightcook.callbacks.moefication import MoEficationCallback, write_heatmap_p
 from lightcook.data import TextDataModule
 from lightcook.io import write_text_atomic
 from lightcook.modules import CausalLMModule
-from lightcook.ops.moe import MoEFFN, OracleRouter, moe_modules, release_workspaces, set_top_k
+from lightcook.ops.moe import (
+    MoEFFN,
+    OracleRouter,
+    coactivation_partition,
+    expert_mass,
+    moe_modules,
+    partition_permutation,
+    release_workspaces,
+    set_top_k,
+    train_mlp_router,
+)
 
 MODEL = "smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,26 +210,68 @@ def with_relu(args, data, val, rows, root: Path) -> tuple[CausalLMModule, dict]:
     return module, {"state": cb.state, "fit_seconds": fit_seconds, "dense_relu": dense_relu}
 
 
-def ffn_speed(module: CausalLMModule, args) -> list[tuple[int, dict[str, float]]]:
-    """One FFN (layer 0 of the ReLU-fied MoE model, its trained router) vs the HF dense LlamaMLP."""
+@torch.no_grad()
+def layer_inputs(module: CausalLMModule, batches: list[dict], layer: int = 0) -> torch.Tensor:
+    """The inputs ``(N, d)`` of one FFN on ``batches`` (forward pre-hook)."""
+    seen = []
+    hook = module.model.model.layers[layer].mlp.register_forward_pre_hook(
+        lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).clone())
+    )
+    module.model.eval()
+    for batch in batches:
+        module.model(input_ids=batch["input_ids"])
+    hook.remove()
+    return torch.cat(seen)
+
+
+def coarse_moe(fine: MoEFFN, x_train: torch.Tensor, args) -> MoEFFN:
+    """The same FFN split into half as many (twice larger) experts: co-activation split on the
+    captured inputs, MLP router fitted like the callback does."""
+    experts = args.experts // 2
+    ffn = torch.nn.Module()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(ffn, name, copy.deepcopy(getattr(fine, name)))
+    ffn.act_fn = fine.act_fn
+    moe = MoEFFN.from_ffn(ffn, ["gate_proj", "up_proj"], "down_proj", "act_fn", True, experts, experts // 4)
+    moe.set_relu(bool(fine.relu))
+    with torch.no_grad():
+        h = moe.intermediate(x_train).abs()  # (N, d_ff)
+        moe.permute_(partition_permutation(coactivation_partition(h.t() @ h, experts), experts))
+        mass = expert_mass(moe.intermediate(x_train), experts)
+    train_mlp_router(moe.router, x_train, mass, args.router_steps)
+    moe.set_routed(True)
+    return moe.eval()
+
+
+def ffn_speed(module: CausalLMModule, train: list[dict], val: list[dict], args) -> dict:
+    """Layer 0 of the ReLU-fied MoE model (its trained router) and a coarser split of it vs the
+    Hugging Face dense ``LlamaMLP`` with the same weights, on 8 x 256 real layer-0 inputs."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    moe: MoEFFN = module.model.model.layers[0].mlp
+    fine: MoEFFN = module.model.model.layers[0].mlp
     dense = LlamaMLP(module.model.config).eval()
+    dense.act_fn = torch.nn.ReLU() if bool(fine.relu) else dense.act_fn
     with torch.no_grad():
         for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(dense, name).weight.copy_(getattr(moe, name).weight)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 256, module.model.config.hidden_size, generator=gen) * 0.5  # (B, T, d)
-    out = []
+            getattr(dense, name).weight.copy_(getattr(fine, name).weight)
+    x_val = layer_inputs(module, val)
+    x = x_val[torch.arange(8 * 256) % x_val.shape[0]].view(8, 256, -1)  # (B, T, d)
+    coarse = coarse_moe(fine, layer_inputs(module, train), args)
+    fine.set_top_k(args.experts // 4)
+    with torch.no_grad():
+        reference = dense(x)
+        errors = {
+            name: float((m(x) - reference).norm() / reference.norm())
+            for name, m in (("fine", fine), ("coarse", coarse))
+        }
+    timings = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        moe.set_top_k(args.experts // 4)
-        medians = interleaved({"dense": (dense, x), "moe25": (moe, x)}, args.repeats)
-        out.append((threads, medians))
-        print(f"[moe] FFN 8x256, {threads} thread(s): {medians}", flush=True)
+        medians = interleaved({"dense": (dense, x), "fine": (fine, x), "coarse": (coarse, x)}, args.repeats)
+        timings.append((threads, medians))
+        print(f"[moe] FFN 8x256, {threads} thread(s): {medians}; relative errors {errors}", flush=True)
     torch.set_num_threads(args.threads)
-    return out
+    return {"timings": timings, "errors": errors}
 
 
 def model_speed(module: CausalLMModule, dense_model: torch.nn.Module, args) -> dict[str, float]:
@@ -271,23 +323,39 @@ def fmt_sparsity(s: dict | None) -> str:
     return f"zeros {s['zero_fraction']:.1%}, neurons for 90% of the mass {s['mass_fraction']:.1%}"
 
 
+def threads_note(ms: dict[int, dict[str, float]]) -> str:
+    """One sentence on 1 vs 2 threads, stating only what the measured medians show."""
+    if 1 not in ms or 2 not in ms:
+        return ""
+    slower = [k for k in ("dense", "fine", "coarse") if ms[2][k] > ms[1][k]]
+    if not slower:
+        return "2 threads were faster than 1 for every variant."
+    return (
+        f"2 threads were slower than 1 here for: {', '.join(slower)}. With both cores shared with other busy "
+        "processes, every OpenMP parallel region can wait for a descheduled thread; the dense FFN is 3 large "
+        "kernels, the sparse path a few dozen smaller ones (two batched matmuls per expert group), so it "
+        "suffers more."
+    )
+
+
 def report(args, wall, dense_ppl, rows, silu, relu, ffn, model, shares) -> str:
-    dense_ms = {t: m["dense"] * 1e3 for t, m in ffn}
-    moe_ms = {t: m["moe25"] * 1e3 for t, m in ffn}
+    fine_m, coarse_m = 1536 // args.experts, 2 * 1536 // args.experts
+    ms = {t: {k: v * 1e3 for k, v in m.items()} for t, m in ffn["timings"]}
     imbalance = [max(r) for r in shares]
     lines = [
         SECTION,
         "",
         f"Command: `.venv/bin/python experiments/bench/moefication.py {' '.join(sys.argv[1:])}`".rstrip(),
         f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s. "
-        "The machine was shared with other jobs; timings are medians of interleaved repeats in one process.",
+        "The machine was shared with other jobs (see the load average); timings are medians of interleaved "
+        "repeats in one process.",
         f"Model: SmolLM2-135M-Instruct (30 SwiGLU FFNs, d_ff 1536) split into {args.experts} experts of "
-        f"{1536 // args.experts} neurons (co-activation split); data: Shakespeare, block 128, batch 4; held-out "
+        f"{fine_m} neurons (co-activation split); data: Shakespeare, block 128, batch 4; held-out "
         f"ppl over {args.eval_batches} validation batches ({args.eval_batches * 4 * 127} predicted tokens); "
         f"split and routers from {args.calibration_batches} training batches, MLP routers (hidden 128) fitted "
-        f"for {args.router_steps} Adam steps. Reduced budget (2 busy cores): ReLU-fication is "
-        f"{args.relu_steps} dense + {args.moe_steps} routed AdamW steps (lr {args.lr}), far below the "
-        "paper's fine-tuning.",
+        f"for {args.router_steps} Adam steps; {args.threads} thread(s) for training and evaluation. Reduced "
+        f"budget (2 busy cores): ReLU-fication is {args.relu_steps} dense + {args.moe_steps} routed AdamW steps "
+        f"(lr {args.lr}, {(args.relu_steps + args.moe_steps) * 512} tokens), far below the paper's fine-tuning.",
         "",
         f"Activation sparsity (mean over FFNs, calibration tokens): SiLU original: {fmt_sparsity(silu['sparsity'])}; "
         f"ReLU-fied after {args.relu_steps} steps: {fmt_sparsity(relu['state']['sparsity_at_split'])}.",
@@ -297,23 +365,30 @@ def report(args, wall, dense_ppl, rows, silu, relu, ffn, model, shares) -> str:
         f"| dense SmolLM2 (SiLU) | 100% | - | {dense_ppl:.2f} | 1.00 |",
         *[f"| {m} | {f} | {r} | {p:.2f} | {p / dense_ppl:.2f} |" for m, f, r, p in rows],
         "",
-        "Speed, one FFN at SmolLM2's shapes (x: 8 × 256 × 576; HF `LlamaMLP` vs `MoEFFN` at 25% of the "
-        "experts, trained router of the ReLU-fied model, sparse path; median of "
-        f"{args.repeats} interleaved repeats):",
+        "Speed of one FFN at SmolLM2's shapes: layer 0 of the ReLU-fied model on 8 × 256 of its real held-out "
+        f"inputs; Hugging Face `LlamaMLP` (same weights) vs `MoEFFN` at 25% of the experts (sparse path, MLP "
+        f"router): the trained {args.experts}-expert layer, and the same FFN re-split into {args.experts // 2} "
+        f"experts of {coarse_m} neurons (router fitted on the layer's calibration inputs); median of "
+        f"{args.repeats} interleaved repeats. Relative output error vs dense at 25%: {args.experts} experts "
+        f"{ffn['errors']['fine']:.3f}, {args.experts // 2} experts {ffn['errors']['coarse']:.3f}.",
         "",
-        "| threads | dense FFN ms | MoE FFN 25% ms | speed-up |",
-        "|---:|---:|---:|---:|",
+        f"| threads | dense FFN ms | {args.experts} experts, 25% ms | speed-up | {args.experts // 2} experts, 25% ms | speed-up |",
+        "|---:|---:|---:|---:|---:|---:|",
         *[
-            f"| {t} | {dense_ms[t]:.1f} | {moe_ms[t]:.1f} | {dense_ms[t] / moe_ms[t]:.2f}× |"
-            for t in dense_ms
+            f"| {t} | {m['dense']:.1f} | {m['fine']:.1f} | {m['dense'] / m['fine']:.2f}× | {m['coarse']:.1f} | "
+            f"{m['dense'] / m['coarse']:.2f}× |"
+            for t, m in ms.items()
         ],
         "",
-        f"End-to-end forward of the whole model, 8 × 256 tokens, {args.threads} threads: dense "
-        f"{model['dense']:.2f} s, MoE 25% {model['moe25']:.2f} s ({model['dense'] / model['moe25']:.2f}×; the "
-        "LM head, embeddings and attention are unchanged).",
+        threads_note(ms),
+        "",
+        f"End-to-end forward of the whole model, 8 × 256 tokens, {args.threads} thread(s): dense "
+        f"{model['dense']:.2f} s, MoE 25% ({args.experts} experts) {model['moe25']:.2f} s "
+        f"({model['dense'] / model['moe25']:.2f}×; the LM head, embeddings and attention are unchanged).",
         "",
         f"Expert load on the held-out batches at 25% (`docs/{HEATMAP.name}`, layers × experts, colour = load / "
-        f"mean load): max/mean per layer from {min(imbalance):.2f} to {max(imbalance):.2f}.",
+        f"mean load, bar: 0 to the maximum): max/mean per layer from {min(imbalance):.2f} to {max(imbalance):.2f} "
+        f"(at most {args.experts // (args.experts // 4)} at 25%: some experts are picked by nearly every token).",
         "",
         f"![expert load]({HEATMAP.name})",
         "",
@@ -339,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as root:
         module, relu = with_relu(args, data, val, rows, Path(root))
     shares = heatmap(module, val, Path(tempfile.mkdtemp()) / HEATMAP.name if args.no_docs else HEATMAP)
-    ffn = ffn_speed(module, args)
+    ffn = ffn_speed(module, train, val, args)
     model = model_speed(module, copy.deepcopy(dense), args)
     text = report(args, time.time() - started, dense_ppl, rows, silu, relu, ffn, model, shares)
     print(text)

@@ -15,9 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,3 +249,24 @@ def all_reduce_(tensor: torch.Tensor, trainer: Trainer | None, op: str = "sum") 
     reduced = trainer.strategy.reduce(tensor, reduce_op=op)
     tensor.copy_(reduced)
     return tensor
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the block; each one's own flag restored afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def first_loader(loaders: Any) -> Any:
+    """The first DataLoader of what Lightning holds (a loader, a list or a dict of loaders), or None."""
+    if isinstance(loaders, Mapping):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, Sequence):
+        return loaders[0] if loaders else None
+    return loaders

@@ -395,17 +395,8 @@ class MoEficationCallback(CompressionCallback):
             RuntimeError: no batch.
         """
         model = _network(pl_module)
-        seen, mask_box, inputs = 0, [None], {}
-        handles = []
-        for i, moe in enumerate(self._moes.values()):
-            handles.append(
-                moe.register_forward_pre_hook(lambda _m, args, i=i: inputs.__setitem__(i, args[0]))
-            )
-            handles.append(
-                moe.get_submodule(moe.output_name).register_forward_pre_hook(
-                    lambda _m, args, i=i: self._collect(collect, i, inputs.pop(i), args[0], mask_box[0])
-                )
-            )
+        seen, mask_box = 0, [None]
+        handles = self._capture_hooks(collect, mask_box)
         try:
             with _eval_mode(model):
                 for batch in batches:
@@ -419,6 +410,17 @@ class MoEficationCallback(CompressionCallback):
         if seen == 0:
             raise RuntimeError(f"{self.config_key}.calibration_batches: no training batch to calibrate on")
         return seen
+
+    def _capture_hooks(self, collect: Any, mask_box: list) -> list[Any]:
+        """Forward pre-hooks: each MoE FFN's input ``x``, then its output projection's input ``h``."""
+        inputs: dict[int, Tensor] = {}
+        handles = []
+        for i, moe in enumerate(self._moes.values()):
+            keep_x = lambda _m, args, i=i: inputs.__setitem__(i, args[0])  # noqa: E731
+            use_h = lambda _m, args, i=i: self._collect(collect, i, inputs.pop(i), args[0], mask_box[0])  # noqa: E731
+            handles.append(moe.register_forward_pre_hook(keep_x))
+            handles.append(moe.get_submodule(moe.output_name).register_forward_pre_hook(use_h))
+        return handles
 
     @staticmethod
     def _collect(collect: Any, index: int, x: Tensor, h: Tensor, mask: Tensor | None) -> None:

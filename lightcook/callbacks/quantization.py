@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,8 @@ from lightcook.callbacks.base import (
     BLOCK_LINEARS,
     CompressionCallback,
     all_reduce_,
+    eval_mode,
+    first_loader,
     linear_like,
     replace_module,
     target_model,
@@ -79,26 +80,6 @@ def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode, then each one's own flag restored."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _first_loader(loaders: Any) -> Any:
-    if isinstance(loaders, Mapping):
-        return next(iter(loaders.values()), None)
-    if isinstance(loaders, Sequence):
-        return loaders[0] if loaders else None
-    return loaders
 
 
 def _rank_batches(loader: Iterable, rank: int, world: int) -> Iterator[Any]:
@@ -321,11 +302,11 @@ class QuantizationCallback(CompressionCallback):
         """The training data when known (fit loop, or the datamodule), else the running loop's data."""
         if trainer.state.fn == TrainerFn.FITTING and trainer.train_dataloader is None:
             trainer.fit_loop.setup_data()  # the sanity check runs before the fit loop loads its data
-        loader = _first_loader(trainer.train_dataloader)
+        loader = first_loader(trainer.train_dataloader)
         datamodule = trainer.datamodule
         if loader is None and datamodule is not None and is_overridden("train_dataloader", datamodule):
-            loader = _first_loader(datamodule.train_dataloader())
-        return loader if loader is not None else _first_loader(current)
+            loader = first_loader(datamodule.train_dataloader())
+        return loader if loader is not None else first_loader(current)
 
     @torch.no_grad()
     def calibrate(self, trainer: Trainer | None, pl_module: LightningModule, loader: Iterable | None) -> int:
@@ -347,7 +328,7 @@ class QuantizationCallback(CompressionCallback):
             aq.amax.zero_()
             aq.calibrating = True
         try:
-            with _eval_mode(pl_module):
+            with eval_mode(pl_module):
                 seen = self._run_calibration(trainer, pl_module, loader)
         finally:
             for aq in quantizers:

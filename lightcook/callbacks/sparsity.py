@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,14 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightcook.callbacks.base import CompressionCallback, StepSchedule, all_reduce_, target_model
+from lightcook.callbacks.base import (
+    CompressionCallback,
+    StepSchedule,
+    all_reduce_,
+    eval_mode,
+    first_loader,
+    target_model,
+)
 from lightcook.ops.sparsity import (
     MAX_TRANSPOSABLE_M,
     InputNormAccumulator,
@@ -98,26 +105,6 @@ class _SRSTEMask(nn.Module):
     @override
     def forward(self, weight: Tensor) -> Tensor:
         return sr_ste(weight, getattr(self._owner, MASK), self.decay)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own flag."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _first_loader(loaders: Any) -> Any:
-    if isinstance(loaders, Mapping):
-        return next(iter(loaders.values()), None)
-    if isinstance(loaders, Sequence):
-        return loaders[0] if loaders else None
-    return loaders
 
 
 def _calibration_source(loader: Any) -> Iterable:
@@ -493,7 +480,7 @@ class SparsityCallback(CompressionCallback):
         source = self._training_batches(trainer) if batches is None else batches
         context = trainer.precision_plugin.forward_context() if trainer else contextlib.nullcontext()
         seen = 0
-        with torch.random.fork_rng(devices=[]), _eval_mode(pl_module), context:
+        with torch.random.fork_rng(devices=[]), eval_mode(pl_module), context:
             torch.manual_seed(trainer.global_step if trainer else 0)  # same batches after a resume
             for batch in itertools.islice(source, self.calibration_batches):
                 batch = (
@@ -509,7 +496,7 @@ class SparsityCallback(CompressionCallback):
             )
 
     def _training_batches(self, trainer: Trainer | None) -> Iterable:
-        loader = _first_loader(trainer.train_dataloader) if trainer is not None else None
+        loader = first_loader(trainer.train_dataloader) if trainer is not None else None
         if loader is None:
             raise RuntimeError(
                 f"{self.config_key}.criterion='wanda' needs training batches to calibrate on; none "

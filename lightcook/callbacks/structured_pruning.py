@@ -134,14 +134,14 @@ class StructuredPruningCallback(CompressionCallback):
             ``compress.structured.<arg>``); in ``setup``, a model whose layout is unknown and no
             ``architecture`` given, or a unit kind the architecture does not have.
         TypeError: in ``setup``, a LightningModule with manual optimization.
-        RuntimeError: at ``on_fit_start``, a gated projection replaced by another callback after
-            the gates were attached (list ``structured`` before that callback).
 
     Example:
         >>> cb = StructuredPruningCallback(target_sparsity=0.5, units=["neurons", "ffn_layers"])
         >>> cb.config_key, cb.units
         ('compress.structured', ['neurons', 'ffn_layers'])
     """
+
+    order = 20  # canonical order: after MoE splits (10), before N:M masks (30) and fake-quant wraps (40)
 
     def __init__(
         self,
@@ -281,17 +281,33 @@ class StructuredPruningCallback(CompressionCallback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        self._ensure_hooks(pl_module)
         gates = self._gates
-        lost = gates.unhooked_outputs(target_model(pl_module))
-        if lost:
-            raise RuntimeError(
-                f"{self.config_key}: {lost[:3]} were replaced after the pruning gates were attached, so the gates "
-                "no longer apply; list structured before the callback that swaps these modules"
-            )
         gates.rank = trainer.global_rank
         if self.gate_lr is not None:
             self._take_gates_from_optimizers(trainer)
         self._wrap(pl_module)
+
+    def _ensure_hooks(self, pl_module: LightningModule) -> None:
+        """Re-hook the gates when a later callback replaced a gated projection (e.g. a fake-quant
+        wrapper at canonical order 40): the gates must act on the module that actually runs."""
+        if self._gates is None:
+            return
+        model = target_model(pl_module)
+        if self._gates.unhooked_outputs(model):
+            self._gates.install_hooks(model)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_hooks(pl_module)
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_hooks(pl_module)
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_hooks(pl_module)
 
     def _take_gates_from_optimizers(self, trainer: Trainer) -> None:
         ids = {id(p) for p in self._gates.gate_parameters() + self._gates.lambda_parameters()}

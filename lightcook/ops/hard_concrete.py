@@ -441,11 +441,20 @@ class GateSet(nn.Module):
 
     def install_hooks(self, model: nn.Module) -> None:
         """Hook the gates into ``model``: a pre-hook on the model draws this forward's gates, hooks on
-        each block's output projection apply them. Idempotent."""
+        each block's output projection apply them. Idempotent; call again after a projection was
+        replaced (e.g. by a fake-quant wrapper) to hook the new module.
+
+        Raises:
+            ValueError: a gated output projection no longer exists (names it).
+        """
         self.remove_hooks()
         self._handles.append(model.register_forward_pre_hook(lambda *_: self.refresh()))
         for block in self.blocks:
-            output = model.get_submodule(block.output)
+            try:
+                output = model.get_submodule(block.output)
+            except AttributeError as err:
+                self.remove_hooks()
+                raise ValueError(f"gated projection {block.output!r} no longer exists in the model") from err
             self._hooked[block.output] = output
             self._handles.append(output.register_forward_pre_hook(self._unit_hook(block)))
             self._handles.append(output.register_forward_hook(self._block_hook(block)))

@@ -548,7 +548,8 @@ class MoEFFN(nn.Module):
         router: from :func:`make_router`.
         gated: ``act(inputs[0](x)) * inputs[1](x)`` (SwiGLU) instead of ``act(inputs[0](x))``.
         dropout: applied to the output in training (the original FFN's dropout, if any).
-        buckets: expert groups per sparse forward; each is one padded ``bmm`` (experts sorted by load).
+        buckets: at most this many expert groups per sparse forward (experts sorted by load, each
+            group padded to its largest load; two ``bmm`` per group).
         router_loss_weight: weight of the router-regression gradient while training routed
             (0: routers are not fine-tuned).
 
@@ -583,7 +584,6 @@ class MoEFFN(nn.Module):
         self.d_ff = int(_rows(inputs[names[0]]).shape[0])
         _check_split(self.d_ff, num_experts)
         self.num_experts, self.expert_size = num_experts, self.d_ff // num_experts
-        self.top_k = top_k
         self.set_top_k(top_k)
         self.buckets, self.router_loss_weight = buckets, router_loss_weight
         self.register_buffer("perm", torch.arange(self.d_ff))

@@ -160,6 +160,28 @@ def test_relufy_then_split_at_a_later_step(tmp_path):
     assert cb.state["split_at_step"] == 2 and cb.state["relu_active"]
 
 
+def test_relufy_a_gelu_gpt2(tmp_path):
+    torch.manual_seed(0)
+    gpt2 = {"model_type": "gpt2", "vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4}
+    module = CausalLMModule(config=gpt2, tokenizer=None, lr=1e-2)
+    cb = small_cb(relufy=True, split_step=1, num_experts=16, top_k=4)  # GPT-2 d_ff = 4 * 32 = 128
+    make_trainer(tmp_path, [cb], max_steps=2).fit(module, token_loader())
+    assert sorted(cb.moe_modules) == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
+    before, at_split = cb.state["sparsity_before"], cb.state["sparsity_at_split"]
+    assert before["zero_fraction"] < 0.01 and at_split["zero_fraction"] > 0.3  # GELU -> ReLU
+    assert load_moe(tmp_path / "moe").transformer.h[1].mlp.relu
+
+
+def test_distillation_from_the_dense_starting_model(tmp_path):
+    from lightcook.callbacks.distillation import DistillationCallback
+
+    module = tiny_module()
+    moe, kd = small_cb(), DistillationCallback()
+    make_trainer(tmp_path, [kd, moe], max_steps=2).fit(module, token_loader())  # any order: moe first
+    assert moe.state["split_done"]
+    assert not any(isinstance(m, MoEFFN) for m in kd.teacher_model.modules())  # the dense original
+
+
 def test_split_permutes_adam_moments_of_the_ffn(tmp_path):
     module = tiny_module()
     cb = small_cb(split_step=1)

@@ -180,18 +180,38 @@ def test_manual_optimization_is_refused(tmp_path):
 
 
 class SwapOutput(Callback):
-    """Replaces a projection in setup, after the gates went in (a misordered module swap)."""
+    """Replaces a gated projection in setup, after the gates went in (as a fake-quant wrapper does)."""
 
     def setup(self, trainer, pl_module, stage):
-        layer = pl_module.model.model.layers[0].self_attn
-        layer.o_proj = nn.Linear(layer.o_proj.in_features, layer.o_proj.out_features, bias=False)
+        attn = pl_module.model.model.layers[0].self_attn
+        new = nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features, bias=False)
+        new.weight = attn.o_proj.weight  # same weight, new module: the old hooks are gone
+        attn.o_proj = new
 
 
-def test_projection_replaced_after_gating_is_an_error(tmp_path):
-    with pytest.raises(
-        RuntimeError, match=r"\['model.layers.0.self_attn.o_proj'\] were replaced after the pruning gates"
-    ):
-        make_trainer(tmp_path, [StructuredPruningCallback(), SwapOutput()]).fit(tiny_module(), token_loader())
+def test_projection_replaced_after_gating_is_hooked_again(tmp_path):
+    cb = StructuredPruningCallback(export_dir=None)
+    module = tiny_module()
+    make_trainer(tmp_path, [cb, SwapOutput()], max_steps=1).fit(module, token_loader(1))
+    model = module.model
+    assert cb.gates.unhooked_outputs(model) == []
+    assert len(model.model.layers[0].self_attn.o_proj._forward_pre_hooks) == 1
+    with torch.no_grad():  # the gates act on the new module: close every head of block 0
+        cb.gates.gates["heads"].log_alpha[:2] = -10.0
+        cb.gates.gates["attention_layers"].log_alpha[0] = 10.0
+    captured = []
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, a, out: captured.append(out))
+    model.eval()(torch.randint(0, VOCAB, (1, 8)))
+    assert captured and bool((captured[0] == 0).all())
+
+
+def test_gated_projection_that_vanished_is_a_clear_error():
+    module = tiny_module()
+    cb = StructuredPruningCallback()
+    cb.prepare_model(None, module)
+    del module.model.model.layers[1].mlp.down_proj
+    with pytest.raises(ValueError, match="gated projection 'model.layers.1.mlp.down_proj' no longer exists"):
+        cb.gates.install_hooks(module.model)
 
 
 # --------------------------------------------------------------------------- gradients and the Lagrangian
@@ -358,6 +378,20 @@ def test_composes_with_distillation_in_either_order(tmp_path, kd_first):
     metrics = trainer.callback_metrics
     assert "train/kd_logits" in metrics and "compress/expected_sparsity" in metrics
     assert "training_step" not in module.__dict__  # both wrappers removed
+
+
+def test_composes_with_fake_quant_listed_first(tmp_path):
+    """Canonical order puts the gates (20) before fake-quant (40), which swaps the projections: the
+    gates must follow the swap, and the float sliced export still reloads."""
+    quantization = pytest.importorskip("lightcook.callbacks.quantization")
+    cb = StructuredPruningCallback(end_step=1)
+    module = tiny_module()
+    make_trainer(tmp_path, [quantization.QuantizationCallback(), cb], max_steps=2).fit(
+        module, token_loader(2)
+    )
+    o_proj = module.model.model.layers[0].self_attn.o_proj
+    assert type(o_proj).__name__ == "QuantLinear" and len(o_proj._forward_pre_hooks) == 1
+    assert type(load_sliced(cb.exports["structured"])).__name__ == "LlamaForCausalLM"
 
 
 def test_app_runs_and_reports_the_export(compose):
