@@ -400,11 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
+    torch.manual_seed(0)  # the training loader shuffles: the calibration batches are seeded too
     data = TextDataModule(tokenizer=MODEL, block_size=128, batch_size=4)
     data.setup("fit")
     val = list(itertools.islice(data.val_dataloader(), args.eval_batches))
     train = list(itertools.islice(data.train_dataloader(), args.calibration_batches))
-    torch.manual_seed(0)
     dense = CausalLMModule(name_or_path=MODEL).model.eval()
     dense_ppl = perplexity(dense, val)
     print(f"[moe] dense ppl {dense_ppl:.2f}", flush=True)
