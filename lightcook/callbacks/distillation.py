@@ -5,7 +5,9 @@ A Lightning callback cannot replace the loss, so in ``setup`` this callback wrap
 with ``pl_module.compute_loss(batch)``, runs the teacher on the same batch under ``no_grad``, and
 returns ``task_scale * task + Σ scale_i * kd_i``, logging every term (``train/task_loss``,
 ``train/kd_logits``, ``train/kd_hidden``, ``train/kd_attention``, ``train/kd_contrastive``) and the
-total as ``train/loss``. The loss math lives in :mod:`lightcook.ops.distill`.
+total as ``train/loss``. The loss math lives in :mod:`lightcook.ops.distill`. The wrapped step calls
+``compute_loss`` itself, not a ``training_step`` installed before it: callbacks that add to the loss
+wrap later, at ``on_fit_start``, around this one (as ``StructuredPruningCallback`` does).
 
 The teacher is never a registered submodule of the student: it is a plain attribute of this callback,
 so it is not in the checkpoint, not in ``parameters()`` (nor the optimizer), and not inside the DDP
@@ -20,11 +22,14 @@ Where the teacher comes from (``teacher``):
     other compression callbacks and of resuming: a resumed run distils from the original pretrained
     weights, never from the checkpoint.
   - A module built from a ``config`` (random init) or a Hugging Face model object: the architecture is
-    rebuilt from ``model.config`` and the student's tensors are copied in at this callback's ``setup``,
-    which runs before Lightning restores a checkpoint, so a resumed run gets the same (seeded) start.
-    Extra buffers other callbacks added (masks) are ignored and ``torch.nn.utils.parametrize``
-    renames are undone; if another compression callback already swapped modules so that weights are
-    missing, ``setup`` raises and names it: list ``kd`` first, or give ``teacher`` a path.
+    rebuilt from ``model.config`` and the student's tensors are copied in when this callback prepares
+    the model (``setup``, before Lightning restores a checkpoint, so a resumed run gets the same
+    seeded start). Compression callbacks prepare the model in the canonical order of
+    :mod:`lightcook.callbacks.base` (distillation is 50, after MoEfication, structured pruning, N:M
+    masks and fake-quant), and none of them changes weight values there: extra buffers they add
+    (masks, scales) are ignored and ``torch.nn.utils.parametrize`` renames are undone. If one has
+    moved weights so that they are missing from the rebuilt model, ``setup`` raises and names it:
+    give ``teacher`` the original model's path.
   - A non-Hugging-Face model object: a deep copy, taken only if no other compression callback has
     prepared the model yet (else the same error).
 * a path or hub name: loaded with the student's Auto class (``AutoModelForCausalLM`` /
@@ -348,6 +353,8 @@ class DistillationCallback(CompressionCallback):
         ('compress.kd', 'model.layers.3')
     """
 
+    order = 50  # canonical order: last, after MoE splits (10), gates (20), masks (30), fake-quant (40)
+
     def __init__(
         self,
         teacher: str = "student",
@@ -551,9 +558,9 @@ class DistillationCallback(CompressionCallback):
         names = ", ".join(earlier) or "another callback"
         return self._fail(
             "teacher",
-            f"'student' must be the uncompressed starting model, but {names} already changed it in setup "
-            f"({why}); list kd before {names} in compress, or set {self.config_key}.teacher to the original "
-            "model's path",
+            f"'student' must be the uncompressed starting model, but {names} (earlier in the canonical "
+            f"order) already changed it in setup ({why}); set {self.config_key}.teacher to the original "
+            "model's path, or build the module from model.name_or_path so the teacher is reloaded",
         )
 
     def _check_compatible(self, student: nn.Module, teacher: nn.Module) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from lightcook.app import CONFIG_DIR, train
 from lightcook.callbacks.base import CompressionCallback, replace_module
 from lightcook.callbacks.distillation import DistillationCallback, parse_hidden_map
+from lightcook.callbacks.quantization import QuantizationCallback
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.modules import CausalLMModule, Seq2SeqLMModule
 from tests.conftest import TINY_LLAMA
@@ -309,21 +310,27 @@ def test_padding_changes_no_kd_term(tmp_path):
 # --------------------------------------------------------------------------- composition
 
 
-def test_with_pruning_the_teacher_stays_dense(tmp_path):
+@pytest.mark.parametrize("listed", ["canonical", "reversed"])
+def test_with_pruning_and_quantization_the_teacher_stays_dense(tmp_path, listed):
     module = student()
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
-    prune = SparsityCallback(n=2, m=4)
-    kd = DistillationCallback(temperature=2.0)  # listed after pruning: still the uncompressed start
+    prune, quant, kd = (
+        SparsityCallback(n=2, m=4),
+        QuantizationCallback(),
+        DistillationCallback(temperature=2.0),
+    )
+    callbacks = [prune, quant, kd] if listed == "canonical" else [kd, quant, prune]
     record = StepOutputs()
-    make_trainer(tmp_path, [prune, kd, record], max_steps=2).fit(module, causal_loader())
-    q_student = module.model.model.layers[0].self_attn.q_proj.weight
-    q_teacher = kd.teacher_model.model.layers[0].self_attn.q_proj.weight
-    assert bool(((q_student.reshape(-1, 4) != 0).sum(-1) <= 2).all())  # student is 2:4
+    make_trainer(tmp_path, [*callbacks, record], max_steps=2).fit(module, causal_loader())
+    q_student = dict(module.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    q_teacher = kd.teacher_model.model.layers[0].self_attn.q_proj
+    assert bool(((q_student.reshape(-1, 4) != 0).sum(-1) <= 2).all())  # student is 2:4 (and fake-quantized)
+    assert type(q_teacher) is nn.Linear  # the teacher has no fake-quant wrapper, no mask
     assert torch.equal(
-        q_teacher, initial["model.layers.0.self_attn.q_proj.weight"]
-    )  # teacher dense, untouched
-    assert not any("weight_mask" in k for k in kd.teacher_model.state_dict())
-    assert record.metrics[0]["train/kd_logits"] > 1e-4  # pruned student differs from the dense teacher
+        q_teacher.weight, initial["model.layers.0.self_attn.q_proj.weight"]
+    )  # dense, untouched
+    assert not any("mask" in k or "quant" in k for k in kd.teacher_model.state_dict())
+    assert record.metrics[0]["train/kd_logits"] > 1e-4  # the compressed student differs from the teacher
 
 
 class _WrapDownProj(CompressionCallback):
@@ -331,20 +338,27 @@ class _WrapDownProj(CompressionCallback):
 
     config_key = "compress.swap"
 
+    def __init__(self, order: int) -> None:
+        super().__init__()
+        self.order = order
+
     def prepare_model(self, trainer, pl_module):
         layer = pl_module.model.model.layers[0].mlp
         replace_module(layer, "down_proj", nn.Sequential(layer.down_proj))
 
 
-def test_teacher_student_after_restructuring_names_the_callback(tmp_path):
+def test_teacher_student_follows_the_canonical_order_not_the_list_order(tmp_path):
+    # a swap earlier in the canonical order than kd (50), listed after kd: the weights have moved
     with pytest.raises(
-        ValueError, match=r"compress.kd.teacher: .*compress.swap already changed it.*list kd before"
+        ValueError, match=r"compress.kd.teacher: .*compress.swap \(earlier in the canonical order"
     ):
-        make_trainer(tmp_path, [_WrapDownProj(), DistillationCallback()]).fit(student(), causal_loader())
-    module = student()  # kd first: the copy is taken before the swap
-    kd = DistillationCallback()
-    make_trainer(tmp_path, [kd, _WrapDownProj()], max_steps=1).fit(module, causal_loader())
+        make_trainer(tmp_path, [DistillationCallback(), _WrapDownProj(order=45)]).fit(
+            student(), causal_loader()
+        )
+    module, kd = student(), DistillationCallback()  # a swap later than kd, listed first: teacher is pristine
+    make_trainer(tmp_path, [_WrapDownProj(order=60), kd], max_steps=1).fit(module, causal_loader())
     assert isinstance(kd.teacher_model.model.layers[0].mlp.down_proj, nn.Linear)
+    assert isinstance(module.model.model.layers[0].mlp.down_proj, nn.Sequential)
 
 
 # --------------------------------------------------------------------------- the Hydra app
