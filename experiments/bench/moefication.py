@@ -345,7 +345,7 @@ def report(args, wall, dense_ppl, rows, silu, relu, ffn, model, shares) -> str:
     lines = [
         SECTION,
         "",
-        f"Command: `.venv/bin/python experiments/bench/moefication.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `{' '.join(['.venv/bin/python experiments/bench/moefication.py', *sys.argv[1:]])}`",
         f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s. "
         "The machine was shared with other jobs (see the load average); timings are medians of interleaved "
         "repeats in one process.",

@@ -227,7 +227,7 @@ def render(
     lines = [
         SECTION,
         "",
-        f"Command: `.venv/bin/python experiments/bench/structured_pruning.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `{' '.join(['.venv/bin/python experiments/bench/structured_pruning.py', *sys.argv[1:]])}`",
         f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s.",
         f"Model: SmolLM2-135M-Instruct (30 layers, 3 KV groups of 3 query heads, 1536 FFN neurons; "
         f"{dense_layers:,} layer parameters = everything but the tied embedding and final norm). "

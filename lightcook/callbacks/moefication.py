@@ -51,11 +51,10 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightcook.callbacks.base import CompressionCallback, all_reduce_, replace_module, target_model
+from lightcook.callbacks.base import (
+    CompressionCallback,
+    all_reduce_,
+    eval_mode,
+    first_loader,
+    replace_module,
+    target_model,
+)
 from lightcook.export.moe import export_moe
 from lightcook.io import atomic_path, write_json_atomic
 from lightcook.ops.architectures import (
@@ -105,26 +111,6 @@ def _network(module: LightningModule | nn.Module) -> nn.Module:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode, then each one's own flag restored."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _first_loader(loaders: Any) -> Any:
-    if isinstance(loaders, Mapping):
-        return next(iter(loaders.values()), None)
-    if isinstance(loaders, Sequence):
-        return loaders[0] if loaders else None
-    return loaders
 
 
 def _in_order(loader: Iterable) -> Iterable:
@@ -377,7 +363,7 @@ class MoEficationCallback(CompressionCallback):
     def calibration_batches_of(self, trainer: Trainer) -> list[Any]:
         """The first ``calibration_batches`` batches of the trainer's training data, in dataset order,
         on the module's device (the same batches on every rank)."""
-        loader = _first_loader(trainer.train_dataloader)
+        loader = first_loader(trainer.train_dataloader)
         batches = []
         for batch in _in_order(loader) if loader is not None else ():
             if len(batches) >= self.calibration_batches:
@@ -398,7 +384,7 @@ class MoEficationCallback(CompressionCallback):
         seen, mask_box = 0, [None]
         handles = self._capture_hooks(collect, mask_box)
         try:
-            with _eval_mode(model):
+            with eval_mode(model):
                 for batch in batches:
                     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                     mask_box[0] = None if mask is None else mask.reshape(-1).bool()

@@ -111,7 +111,10 @@ class StructuredPruningCallback(CompressionCallback):
         end_step: optimizer step where the target reaches ``target_sparsity``.
         gate_lr: Adam learning rate of the gate logits (stepped by this callback; ``None``: leave
             the gates to the module's optimizer, learning rate and schedule).
-        lambda_lr: Adam learning rate of the multipliers (``None``: ``gate_lr``).
+        lambda_lr: Adam learning rate of the multipliers (``None``: ``gate_lr``). Large by default:
+            a single gate's share of the expected size is tiny (SmolLM2: ~1.7e-7 per neuron), so the
+            multipliers must grow to ~10³ before the constraint outweighs the task loss; with 1.0 a
+            30-step SmolLM2 run did not reach its target (docs/benchmarks.md).
         droprate_init: initial drop rate of every gate (``log_alpha = log((1−d)/d)``).
         beta, limit_l, limit_r: hard-concrete temperature and stretch interval (γ, ζ).
         tolerance: the target counts as met when the deterministic sparsity is at least
@@ -149,9 +152,9 @@ class StructuredPruningCallback(CompressionCallback):
         units: Sequence[str] = DEFAULT_UNITS,
         start_step: int = 0,
         end_step: int = 100,
-        gate_lr: float | None = 0.1,
-        lambda_lr: float | None = None,
-        droprate_init: float = 0.01,
+        gate_lr: float | None = 0.5,
+        lambda_lr: float | None = 50.0,
+        droprate_init: float = 0.05,
         beta: float = BETA,
         limit_l: float = LIMIT_L,
         limit_r: float = LIMIT_R,
