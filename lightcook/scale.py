@@ -160,9 +160,17 @@ def spawn_ranks(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def _spawned_rank(local_rank: int, container: dict[str, Any], env: dict[str, str]) -> None:
     os.environ.update(env, LOCAL_RANK=str(local_rank), RANK=str(local_rank))
+    import torch.distributed as dist
+
     from lightcook.app import train
 
-    train(DictConfig(container))
+    try:
+        train(DictConfig(container))
+    finally:
+        # Shut gloo down before the interpreter exits: a process group left alive can abort the
+        # process at exit ("terminate called without an active exception", SIGABRT).
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- Slurm requeue

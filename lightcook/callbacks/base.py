@@ -181,9 +181,21 @@ class CompressionCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # The first compression callback to reach setup prepares all of them, in canonical order.
-        for callback in compression_callbacks(trainer.callbacks):
+        # The first compression callback to reach setup puts them all in canonical order for every
+        # later hook, checks the combination, and prepares all of them, in that order.
+        sort_callbacks(trainer)
+        callbacks = compression_callbacks(trainer.callbacks)
+        if callbacks and callbacks[0]._prepared_model != id(pl_module):
+            check_combination(callbacks)
+        for callback in callbacks:
             callback.prepare_once(trainer, pl_module)
+
+    def check_with(self, others: Sequence[CompressionCallback]) -> None:
+        """Raise ValueError naming both callbacks if this one cannot work with one of ``others``.
+
+        Called once in ``setup``, before any model change, with the other compression callbacks in
+        canonical order. The default accepts every combination.
+        """
 
     def prepare_once(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Run :meth:`prepare_model` unless it already ran for this LightningModule."""
@@ -226,6 +238,33 @@ class CompressionCallback(Callback):
 def compression_callbacks(callbacks: Sequence[Callback]) -> list[CompressionCallback]:
     """The compression callbacks among ``callbacks``, sorted into the canonical order (stable)."""
     return sorted((c for c in callbacks if isinstance(c, CompressionCallback)), key=lambda c: c.order)
+
+
+def sort_callbacks(trainer: Trainer) -> None:
+    """Put the compression callbacks of ``trainer.callbacks`` into canonical order within the slots
+    they occupy (other callbacks keep their places), so every later hook — ``on_train_start``,
+    ``on_train_batch_start``, ``on_fit_end``, ... — runs them in that order whatever the order of
+    ``Trainer(callbacks=[...])`` or ``+compress=[...]``. The list is rebound, not mutated: a hook loop
+    in progress (Lightning iterates ``trainer.callbacks``) finishes over the old list.
+    """
+    current = list(trainer.callbacks)
+    ordered = iter(compression_callbacks(current))
+    trainer.callbacks = [next(ordered) if isinstance(c, CompressionCallback) else c for c in current]
+
+
+def check_combination(callbacks: Sequence[CompressionCallback]) -> None:
+    """Let every compression callback reject the others (see :meth:`CompressionCallback.check_with`);
+    the same technique twice (same class, same ``name``) is rejected here."""
+    seen: set[str] = set()
+    for callback in callbacks:
+        if callback.state_key in seen:
+            raise ValueError(
+                f"{callback.config_key}: {type(callback).__name__} given twice; one callback per "
+                "technique, or give each its own `name` (and disjoint targets)"
+            )
+        seen.add(callback.state_key)
+    for callback in callbacks:
+        callback.check_with([c for c in callbacks if c is not callback])
 
 
 def target_model(pl_module: nn.Module) -> nn.Module:
