@@ -197,6 +197,11 @@ class CompressionCallback(Callback):
         canonical order. The default accepts every combination.
         """
 
+    def export_options(self) -> dict[str, Any]:
+        """Keyword arguments this technique adds to :func:`lightcook.export.compressed.export_compressed`
+        (e.g. ``nm=(2, 4)``, ``architecture=...``); the combined export merges those of all callbacks."""
+        return {}
+
     def prepare_once(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Run :meth:`prepare_model` unless it already ran for this LightningModule."""
         if self._prepared_model != id(pl_module):

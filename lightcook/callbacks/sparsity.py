@@ -297,6 +297,10 @@ class SparsityCallback(CompressionCallback):
                 module.register_buffer(MASK, torch.ones_like(dense_weight(module), dtype=torch.bool))
         self._attach_sr_ste()
 
+    @override
+    def export_options(self) -> dict[str, Any]:
+        return {"nm": (self.n, self.m)} if self.mode == "nm" else {}
+
     def _check_shape(self, name: str, module: nn.Module) -> None:
         if self.mode != "nm":
             return

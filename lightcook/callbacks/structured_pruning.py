@@ -279,6 +279,11 @@ class StructuredPruningCallback(CompressionCallback):
         )
         self._arch = arch
 
+    @override
+    def export_options(self) -> dict[str, Any]:
+        spec = self.architecture_spec
+        return {"architecture": spec} if isinstance(spec, str | Mapping) else {}
+
     # ------------------------------------------------------------------ fit: optimizer, wrapper
 
     @override

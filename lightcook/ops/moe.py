@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightcook.ops.quant import effective_weight, fake_quant, fake_quant_input, input_quantization
+
 PARTITIONS = ("kmeans", "coactivation", "random")
 ROUTERS = ("mlp", "centroid", "oracle", "random")
 
@@ -749,11 +751,21 @@ class MoEFFN(nn.Module):
         if not bool(self.routed):
             out = getattr(self, self.output_name)(self.intermediate(x))
             out = self._touch_router(x, out)
-        elif torch.is_grad_enabled() or getattr(self.router, "needs_activations", False):
+        elif (
+            torch.is_grad_enabled()
+            or getattr(self.router, "needs_activations", False)
+            or not self._shared_input_quantization()
+        ):
             out = self._masked(x)
         else:
             out = self._sparse(x)
         return self.dropout(out) if self.dropout is not None and self.training else out
+
+    def _shared_input_quantization(self) -> bool:
+        """Whether the input projections quantize their (common) input alike, so one fused sparse
+        matmul serves them all (true unless static scales were calibrated differently)."""
+        specs = [input_quantization(getattr(self, n)) for n in self.input_names]
+        return all(_same_quantization(specs[0], other) for other in specs[1:])
 
     def _trainable_router(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())
@@ -790,13 +802,14 @@ class MoEFFN(nn.Module):
     # ------------------------------------------------------------------ sparse inference
 
     def _weight_key(self) -> tuple:
-        return tuple(
-            (p.data_ptr(), p._version, p.dtype, p.device) for m in self.projections for p in m.parameters()
-        )
+        tensors = [t for m in self.projections for t in [*m.parameters(), *m.buffers()]]
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
     @torch.no_grad()
     def expert_weights(self) -> dict[str, Tensor | None]:
         """Expert-major copies of the weights, cached until a weight changes (in place or replaced).
+        Quantized projections contribute the weights they compute with
+        (:func:`~lightcook.ops.quant.effective_weight`), so the sparse path keeps their quantization.
 
         Returns:
             ``in`` ``(E, j*m, d)``: each expert's activated-projection rows followed (gated, ``j = 2``)
@@ -811,11 +824,11 @@ class MoEFFN(nn.Module):
         out = getattr(self, self.output_name)
         biases = [getattr(p, "bias", None) for p in ins]
         weights: dict[str, Tensor | None] = {
-            "in": torch.cat([_rows(p).reshape(num, m, -1) for p in ins], dim=1).contiguous(),
+            "in": torch.cat([effective_weight(p).reshape(num, m, -1) for p in ins], dim=1).contiguous(),
             "in_bias": None
             if biases[0] is None
             else torch.cat([b.detach().reshape(num, m) for b in biases], dim=1).contiguous(),
-            "down": _rows(out).t().reshape(num, m, -1).contiguous(),
+            "down": effective_weight(out).t().reshape(num, m, -1).contiguous(),
             "down_bias": None if getattr(out, "bias", None) is None else out.bias.detach(),
         }
         self._cache = (key, weights)
@@ -838,8 +851,9 @@ class MoEFFN(nn.Module):
         w = self.expert_weights()
         whole = bool(torch.equal(order, torch.arange(self.num_experts)))
         w_in, w_down = (w["in"], w["down"]) if whole else (_take(w["in"], order), _take(w["down"], order))
+        xq = fake_quant_input(x2, input_quantization(getattr(self, self.input_names[0])))
         xs = _workspace("xs", (sources.numel(), x2.shape[1]), x2)
-        torch.index_select(x2, 0, sources, out=xs)  # (R, d): tokens grouped by expert, padded
+        torch.index_select(xq, 0, sources, out=xs)  # (R, d): tokens grouped by expert, padded
         h = _workspace("h", (sources.numel(), w_in.shape[1]), x2)  # (R, j*m)
         for first, count, cap, start in blocks:
             end = start + count * cap
@@ -848,6 +862,9 @@ class MoEFFN(nn.Module):
             if w["in_bias"] is not None:
                 hb += w["in_bias"][order[first : first + count].to(x.device)][:, None, :]
         act = self._gated_activation(h)  # (R, m)
+        act = self._quantize_down_input(
+            act, rows.view(n, k), input_quantization(getattr(self, self.output_name))
+        )
         ys = _workspace("ys", (sources.numel(), w_down.shape[2]), x2)  # (R, d_out)
         for first, count, cap, start in blocks:
             end = start + count * cap
@@ -860,6 +877,21 @@ class MoEFFN(nn.Module):
         if w["down_bias"] is not None:
             out += w["down_bias"]
         return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _quantize_down_input(act: Tensor, token_rows: Tensor, quantization: tuple | None) -> Tensor:
+        """Fake-quantize the down projection's input rows as the dense layer would: per token over
+        its whole (mostly zero) intermediate vector, i.e. over that token's ``k`` expert rows."""
+        if quantization is None or quantization[0] != "dynamic":
+            return fake_quant_input(act, quantization)
+        bits = quantization[1]
+        qmax = 2 ** (bits - 1) - 1
+        compute = act if act.dtype in (torch.float32, torch.float64) else act.float()
+        token_max = compute.abs().amax(1)[token_rows].amax(1)  # (N,): max over the token's k rows
+        row_max = torch.zeros(compute.shape[0], dtype=compute.dtype, device=compute.device)
+        row_max[token_rows.reshape(-1)] = token_max.repeat_interleave(token_rows.shape[1])
+        scale = (row_max / qmax).clamp_min(torch.finfo(compute.dtype).tiny)[:, None]
+        return fake_quant(compute, scale, 0.0, -qmax, qmax).to(act.dtype)
 
     def _gated_activation(self, h: Tensor) -> Tensor:
         """``act(gate) * up`` (gated) or ``act(h)`` on the workspace rows ``h`` ``(R, j*m)``, in place
@@ -877,6 +909,16 @@ class MoEFFN(nn.Module):
         if type(self.act_fn).__name__ in _SILU:
             return F.silu(h, inplace=True)
         return self.act_fn(h)
+
+
+def _same_quantization(a: tuple | None, b: tuple | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (
+        a[:2] == b[:2]
+        and (a[2] is None) == (b[2] is None)
+        and (a[2] is None or bool(torch.equal(a[2], b[2])))
+    )
 
 
 def _take(weights: Tensor, experts: Tensor) -> Tensor:

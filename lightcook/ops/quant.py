@@ -43,9 +43,12 @@ __all__ = [
     "QuantLinear",
     "QuantSpec",
     "WeightQuantizer",
+    "effective_weight",
     "fake_quant",
+    "fake_quant_input",
     "fake_quant_per_token",
     "group_view",
+    "input_quantization",
     "int8_linear",
     "int8_matmul",
     "make_weight_quantizer",
@@ -1088,3 +1091,59 @@ class DequantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}"
+
+
+# --------------------------------------------------------------------------- what a layer computes with
+
+
+@torch.no_grad()
+def effective_weight(module: nn.Module) -> Tensor:
+    """The float ``(out, in)`` weight a Linear-like layer really multiplies by.
+
+    :class:`QuantLinear`: the fake-quantized weight; :class:`Int8Linear` / :class:`DequantLinear`:
+    the dequantized codes; any other layer: its ``weight`` (GPT-2 ``Conv1D`` transposed). Code that
+    reads weights directly (the sparse MoE path) uses this so that quantization is not skipped.
+
+    Example:
+        >>> q = QuantLinear.from_linear(nn.Linear(8, 2), QuantSpec(bits=2))
+        >>> int(effective_weight(q).unique().numel()) <= 2 * 3
+        True
+    """
+    if isinstance(module, QuantLinear):
+        return module.weight_quantizer(module.weight).detach()
+    if isinstance(module, Int8Linear):
+        return (module.weight_codes.float() * module.weight_scale).to(_float_dtype(module))
+    if isinstance(module, DequantLinear):
+        return module.dequantized_weight().to(_float_dtype(module))
+    weight = module.weight.detach()
+    return weight.t() if type(module).__name__ == "Conv1D" else weight
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    bias = getattr(module, "bias", None)
+    return bias.dtype if isinstance(bias, Tensor) else torch.float32
+
+
+def input_quantization(module: nn.Module) -> tuple[str, int, Tensor | None] | None:
+    """``(mode, bits, static_scale)`` of the fake quantization a layer applies to its input, or
+    ``None`` when its input stays in floating point. ``mode`` is ``"dynamic"`` (per token; scale
+    ``None``) or ``"static"`` (one calibrated scale)."""
+    if isinstance(module, Int8Linear):
+        return (module.act_mode, 8, None if module.act_scale is None else module.act_scale.float())
+    act = getattr(module, "input_quantizer", None)
+    if not isinstance(act, ActivationQuantizer) or act.mode == "none" or act.calibrating:
+        return None
+    return (act.mode, act.bits, act.static_scale() if act.mode == "static" else None)
+
+
+def fake_quant_input(x: Tensor, quantization: tuple[str, int, Tensor | None] | None) -> Tensor:
+    """``x`` quantized-dequantized as :func:`input_quantization` describes (per token over the last
+    dim, or with the static scale); ``x`` itself for ``None``."""
+    if quantization is None:
+        return x
+    mode, bits, scale = quantization
+    if mode == "dynamic":
+        return fake_quant_per_token(x, bits)
+    qmax = _sym_qmax(bits)
+    xc = _compute(x)
+    return fake_quant(xc, scale.to(xc.dtype), 0.0, -qmax, qmax).to(x.dtype)
