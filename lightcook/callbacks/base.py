@@ -186,16 +186,20 @@ class CompressionCallback(Callback):
         sort_callbacks(trainer)
         callbacks = compression_callbacks(trainer.callbacks)
         if callbacks and callbacks[0]._prepared_model != id(pl_module):
-            check_combination(callbacks)
+            check_combination(callbacks, target_model(pl_module))
         for callback in callbacks:
             callback.prepare_once(trainer, pl_module)
 
-    def check_with(self, others: Sequence[CompressionCallback]) -> None:
+    def check_with(self, others: Sequence[CompressionCallback], model: nn.Module) -> None:
         """Raise ValueError naming both callbacks if this one cannot work with one of ``others``.
 
         Called once in ``setup``, before any model change, with the other compression callbacks in
-        canonical order. The default accepts every combination.
+        canonical order and the (still uncompressed) network. The default accepts every combination.
         """
+
+    def conflict(self, other: CompressionCallback, why: str) -> ValueError:
+        """The error for a combination that cannot work: names both callbacks' config keys."""
+        return ValueError(f"{self.config_key} cannot be combined with {other.config_key}: {why}")
 
     def export_options(self) -> dict[str, Any]:
         """Keyword arguments this technique adds to :func:`lightcook.export.compressed.export_compressed`
@@ -257,7 +261,7 @@ def sort_callbacks(trainer: Trainer) -> None:
     trainer.callbacks = [next(ordered) if isinstance(c, CompressionCallback) else c for c in current]
 
 
-def check_combination(callbacks: Sequence[CompressionCallback]) -> None:
+def check_combination(callbacks: Sequence[CompressionCallback], model: nn.Module) -> None:
     """Let every compression callback reject the others (see :meth:`CompressionCallback.check_with`);
     the same technique twice (same class, same ``name``) is rejected here."""
     seen: set[str] = set()
@@ -269,7 +273,7 @@ def check_combination(callbacks: Sequence[CompressionCallback]) -> None:
             )
         seen.add(callback.state_key)
     for callback in callbacks:
-        callback.check_with([c for c in callbacks if c is not callback])
+        callback.check_with([c for c in callbacks if c is not callback], model)
 
 
 def target_model(pl_module: nn.Module) -> nn.Module:

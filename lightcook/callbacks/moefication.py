@@ -299,6 +299,18 @@ class MoEficationCallback(CompressionCallback):
         return dict(self._moes)
 
     @override
+    def check_with(self, others: Sequence[CompressionCallback], model: nn.Module) -> None:
+        from lightcook.callbacks.structured_pruning import StructuredPruningCallback
+
+        for other in others:
+            if isinstance(other, StructuredPruningCallback) and "neurons" in other.units:
+                raise self.conflict(
+                    other,
+                    "pruning single FFN neurons would leave experts of unequal size; drop 'neurons' from "
+                    f"{other.config_key}.units (heads and whole attention/FFN blocks combine with experts)",
+                )
+
+    @override
     def prepare_model(self, trainer: Trainer | None, pl_module: LightningModule) -> None:
         """Replace every FFN by a :class:`MoEFFN` (all checked first, then swapped)."""
         model = _network(pl_module)

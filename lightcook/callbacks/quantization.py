@@ -222,6 +222,21 @@ class QuantizationCallback(CompressionCallback):
 
     # ------------------------------------------------------------------ structure
 
+    @override
+    def check_with(self, others: Sequence[CompressionCallback], model: nn.Module) -> None:
+        from lightcook.callbacks.structured_pruning import StructuredPruningCallback
+
+        for other in others:
+            if isinstance(other, StructuredPruningCallback) and (
+                self.method != "absmax" or self.granularity == "group"
+            ):
+                raise self.conflict(
+                    other,
+                    f"slicing cuts weight rows/columns, but method={self.method!r} / granularity="
+                    f"{self.granularity!r} keeps learned or group-wise scales that would no longer fit; "
+                    "use method: absmax with granularity: channel or tensor",
+                )
+
     @property
     def quantized_modules(self) -> dict[str, QuantLinear]:
         """The :class:`QuantLinear` layers this callback installed, by name (after ``setup``)."""

@@ -301,6 +301,52 @@ class SparsityCallback(CompressionCallback):
     def export_options(self) -> dict[str, Any]:
         return {"nm": (self.n, self.m)} if self.mode == "nm" else {}
 
+    @override
+    def check_with(self, others: Sequence[CompressionCallback], model: nn.Module) -> None:
+        from lightcook.callbacks.moefication import MoEficationCallback
+        from lightcook.callbacks.quantization import QuantizationCallback
+        from lightcook.callbacks.structured_pruning import StructuredPruningCallback
+
+        for other in others:
+            if isinstance(other, QuantizationCallback) and self.sr_ste_decay is not None:
+                raise self.conflict(
+                    other,
+                    "SR-STE (sr_ste_decay) parametrizes the Linear weight, and fake-quant replaces the Linear, "
+                    "so SR-STE would silently do nothing; use hard masks (sr_ste_decay: null) with quantization",
+                )
+            if self.mode != "nm":
+                continue
+            if isinstance(other, MoEficationCallback) and self.start_step < other.split_step:
+                raise self.conflict(
+                    other,
+                    f"N:M masks from step {self.start_step} would be scrambled by the expert split at step "
+                    f"{other.split_step} (it permutes the down projection's input columns); set "
+                    f"{self.config_key}.start_step >= {other.config_key}.split_step",
+                )
+            if isinstance(other, StructuredPruningCallback):
+                self._check_slicing_keeps_groups(other, model)
+
+    def _check_slicing_keeps_groups(self, structured: CompressionCallback, model: nn.Module) -> None:
+        """Slicing must remove whole groups of ``m`` input columns, or the export loses the N:M pattern."""
+        if "neurons" in structured.units:
+            raise self.conflict(
+                structured,
+                "slicing single FFN neurons removes single input columns of the down projection and breaks "
+                f"its {self.n}:{self.m} groups; drop 'neurons' from {structured.config_key}.units "
+                "(heads and whole blocks are fine) or use mode: unstructured",
+            )
+        config = getattr(model, "config", None)
+        heads = getattr(config, "num_attention_heads", None)
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None
+        )
+        if "heads" in structured.units and head_dim and head_dim % self.m:
+            raise self.conflict(
+                structured,
+                f"the head width {head_dim} is not a multiple of m={self.m}, so removing a head breaks the "
+                f"output projection's {self.n}:{self.m} groups; drop 'heads' from {structured.config_key}.units",
+            )
+
     def _check_shape(self, name: str, module: nn.Module) -> None:
         if self.mode != "nm":
             return
