@@ -23,22 +23,21 @@ import argparse
 import datetime
 import gc
 import itertools
-import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from _common import StepTimer, cpu_name, cpu_trainer, interleaved_runs, write_section
+from _common import perplexity as held_out_perplexity
 
 from lightcook.callbacks.distillation import DistillationCallback
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.data import TextDataModule
-from lightcook.io import write_text_atomic
 from lightcook.modules import CausalLMModule
 
 MODEL = "smollm2-135m-instruct"
@@ -71,19 +70,12 @@ def load_module(lr: float) -> CausalLMModule:
     return CausalLMModule(name_or_path=MODEL, lr=lr, warmup_steps=4, min_lr_ratio=0.1)
 
 
-@torch.no_grad()
 def perplexity(module: CausalLMModule, batches: list[dict]) -> float:
-    """Token-weighted held-out perplexity (every block is full: 127 predicted tokens per row)."""
+    """Held-out perplexity (127 predicted tokens per row); the module's training mode is kept."""
     was_training = module.training
-    module.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(module.device) for k, v in batch.items()}
-        loss = module.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        n = batch["labels"][:, 1:].numel()
-        total, count = total + float(loss) * n, count + n
+    ppl = held_out_perplexity(module, batches, device=module.device)
     module.train(was_training)
-    return math.exp(total / count)
+    return ppl
 
 
 class PerplexityCurve(L.Callback):
@@ -106,36 +98,11 @@ class PerplexityCurve(L.Callback):
         self._record(trainer.global_step, pl_module)
 
 
-class StepTimer(L.Callback):
-    """Wall time of every training batch, evaluation excluded (forward, teacher, backward, step)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()  # listed after the curve: its evaluation is not timed
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._start)
-
-
 def fit(module: CausalLMModule, data: TextDataModule, steps: int, callbacks: list) -> StepTimer:
+    """Timed fine-tune, evaluation excluded: forward, teacher, backward and step of each batch."""
     timer = StepTimer()
     L.seed_everything(0, verbose=False)  # same data order for every variant
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        gradient_clip_val=1.0,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tempfile.mkdtemp(prefix="lightcook-bench-"),
-        callbacks=[*callbacks, timer],
-    )
+    trainer = cpu_trainer(steps, [*callbacks, timer])  # timer after the curve: its evaluation is not timed
     trainer.fit(module, datamodule=data)
     module.zero_grad(set_to_none=True)
     module._trainer = None  # drop the trainer (and its optimizer states) now, not at some later GC
@@ -179,14 +146,13 @@ def overhead(module: CausalLMModule, kd: DistillationCallback, data: TextDataMod
     Median step time of each variant and its ratio to plain; the run order rotates every repeat.
     """
     callbacks = {"plain": [], "kd": [kd], "kd_bf16": [kd_callback(args, "bfloat16")]}  # teachers load once
-    times: dict[str, list[float]] = {kind: [] for kind in callbacks}
-    kinds = list(callbacks)
-    for repeat in range(args.repeats):
-        for kind in kinds[repeat % 3 :] + kinds[: repeat % 3]:
-            times[kind] += fit(module, data, args.timed_steps, callbacks[kind]).times[1:]
-    result = {k: statistics.median(v) for k, v in times.items()}
+    result, samples = interleaved_runs(
+        lambda kind: fit(module, data, args.timed_steps, callbacks[kind]).times[1:],
+        list(callbacks),
+        args.repeats,
+    )
     result.update(ratio=result["kd"] / result["plain"], ratio_bf16=result["kd_bf16"] / result["plain"])
-    result["samples"] = len(times["plain"])
+    result["samples"] = samples
     print(result, flush=True)
     return result
 
@@ -195,12 +161,7 @@ def overhead(module: CausalLMModule, kd: DistillationCallback, data: TextDataMod
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     gpu = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
 
@@ -285,22 +246,6 @@ def render(args, parts: list[str], wall: float) -> str:
     return "\n".join(header + parts)
 
 
-def write_section(text: str, path: Path = DOCS / "benchmarks.md") -> None:
-    """Replace (or append) the ``## Distillation`` section, keeping every other section as it is."""
-    old = (
-        path.read_text()
-        if path.is_file()
-        else "# Benchmarks\n\nNumbers pasted from runs of the scripts in experiments/bench/.\n"
-    )
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if end < 0 else "\n" + old[end + 1 :])
-    write_text_atomic(path, new.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     phases = set(args.phases.split(","))
@@ -324,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(args, parts, time.time() - started)
     print(text)
     if not args.no_docs:
-        write_section(text)
+        write_section(text, SECTION)
 
 
 if __name__ == "__main__":

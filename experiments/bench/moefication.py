@@ -27,21 +27,18 @@ import argparse
 import copy
 import datetime
 import itertools
-import math
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
-import lightning as L
 import torch
+from _common import cpu_name, cpu_trainer, interleaved, perplexity, write_section
 
 from lightcook.callbacks.moefication import MoEficationCallback, write_heatmap_png
 from lightcook.data import TextDataModule
-from lightcook.io import write_text_atomic
 from lightcook.modules import CausalLMModule
 from lightcook.ops.moe import (
     MoEFFN,
@@ -57,7 +54,6 @@ from lightcook.ops.moe import (
 
 MODEL = "smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = ROOT / "docs" / "benchmarks.md"
 HEATMAP = ROOT / "docs" / "moefication_expert_load.png"
 SECTION = "## MoEfication"
 FRACTIONS = (0.10, 0.25, 0.50)
@@ -88,28 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{os.cpu_count()}-core CPU ({cpu}), no GPU, torch {torch.__version__}, load average {load:.1f} at start"
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, batches: list[dict]) -> float:
-    """Token-weighted held-out perplexity (full blocks: 127 predicted tokens per row)."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        n = batch["labels"][:, 1:].numel()
-        total, count = total + float(loss) * n, count + n
-    return math.exp(total / count)
 
 
 def moe_callback(args: argparse.Namespace, **kwargs) -> MoEficationCallback:
@@ -149,24 +126,6 @@ def sweep(
     return out
 
 
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
-
-
-def interleaved(variants: dict[str, tuple], repeats: int) -> dict[str, float]:
-    """Median seconds per variant, variants alternating inside every repeat (one warm-up call each)."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.no_grad():
-        for fn, *args in variants.values():
-            fn(*args)
-        for _ in range(repeats):
-            for name, (fn, *args) in variants.items():
-                times[name].append(timed(fn, *args))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 # --------------------------------------------------------------------------- parts
 
 
@@ -185,19 +144,7 @@ def without_relu(args, train, val, rows) -> dict:
 def with_relu(args, data, val, rows, root: Path) -> tuple[CausalLMModule, dict]:
     module = CausalLMModule(name_or_path=MODEL, lr=args.lr, warmup_steps=3)
     cb = moe_callback(args, relufy=True, split_step=args.relu_steps)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.relu_steps + args.moe_steps,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
+    trainer = cpu_trainer(args.relu_steps + args.moe_steps, [cb], root, gradient_clip_val=None)
     started = time.time()
     trainer.fit(module, data)
     fit_seconds = time.time() - started
@@ -267,7 +214,11 @@ def ffn_speed(module: CausalLMModule, train: list[dict], val: list[dict], args) 
     timings = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        medians = interleaved({"dense": (dense, x), "fine": (fine, x), "coarse": (coarse, x)}, args.repeats)
+        with torch.no_grad():
+            medians = interleaved(
+                {"dense": partial(dense, x), "fine": partial(fine, x), "coarse": partial(coarse, x)},
+                args.repeats,
+            )
         timings.append((threads, medians))
         print(f"[moe] FFN 8x256, {threads} thread(s): {medians}; relative errors {errors}", flush=True)
     torch.set_num_threads(args.threads)
@@ -281,10 +232,11 @@ def model_speed(module: CausalLMModule, dense_model: torch.nn.Module, args) -> d
     set_top_k(module.model, 0.25)
     module.model.eval()
     variants = {
-        "dense": (lambda: dense_model(input_ids=ids),),
-        "moe25": (lambda: module.model(input_ids=ids),),
+        "dense": lambda: dense_model(input_ids=ids),
+        "moe25": lambda: module.model(input_ids=ids),
     }
-    medians = interleaved({k: (v[0],) for k, v in variants.items()}, max(1, args.repeats // 2))
+    with torch.no_grad():
+        medians = interleaved(variants, max(1, args.repeats // 2))
     print(f"[moe] model forward 8x256: {medians}", flush=True)
     return medians
 
@@ -303,18 +255,6 @@ def heatmap(module: CausalLMModule, val: list[dict], path: Path) -> list[list[fl
 
 
 # --------------------------------------------------------------------------- report
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section, keeping every other section as it is."""
-    old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if end < 0 else "\n" + old[end + 1 :])
-    write_text_atomic(path, new.rstrip("\n") + "\n")
 
 
 def fmt_sparsity(s: dict | None) -> str:
@@ -419,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(args, time.time() - started, dense_ppl, rows, silu, relu, ffn, model, shares)
     print(text)
     if not args.no_docs:
-        write_section(DOCS, text)
+        write_section(text, SECTION)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -40,11 +38,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_trainer, interleaved, perplexity, write_section
 
 from lightcook.ops.quant import Int8Linear
 
 MODEL = "smollm2-135m-instruct"
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 SECTION = "## Quantization"
 #: SmolLM2-135M Linear shapes (in -> out): q/o, k/v, gate/up, down.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
@@ -73,25 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, inner: int = 1, sync=None
-) -> dict[str, float]:
-    """Median seconds per call of each function; one warm-up call each, then repeats interleaved."""
-    sync = sync or (lambda: None)
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            sync()
-            times[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def linear_variants(x: torch.Tensor, in_f: int, out_f: int) -> dict[str, Callable[[], Any]]:
@@ -183,18 +162,6 @@ def load_module(lr: float) -> Any:
     return CausalLMModule(**_SOURCE, lr=lr, warmup_steps=3)
 
 
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, batches: list[dict]) -> float:
-    """Token-weighted held-out perplexity (full blocks: 127 predicted tokens per row)."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        n = batch["labels"][:, 1:].numel()
-        total, count = total + float(loss) * n, count + n
-    return math.exp(total / count)
-
-
 def quant_callback(bits: int, method: str):
     from lightcook.callbacks.quantization import QuantizationCallback
 
@@ -207,19 +174,7 @@ def fine_tune(args, data, callbacks: list) -> tuple[Any, float]:
 
     L.seed_everything(0, verbose=False)
     module = load_module(args.lr)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=args.steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        default_root_dir=tempfile.mkdtemp(prefix="lightcook-bench-"),
-    )
+    trainer = cpu_trainer(args.steps, callbacks)
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=data.train_dataloader())
     seconds = time.perf_counter() - start
@@ -458,19 +413,6 @@ def goals(args, res: dict[str, Any], ppl: dict[str, float], dense_ft: float) -> 
     ]
 
 
-def write_section(text: str) -> None:
-    from lightcook.io import write_text_atomic
-
-    doc = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    start = doc.find(SECTION + "\n")
-    if start < 0:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text + ("\n" + doc[nxt + 1 :] if nxt >= 0 else "")
-    write_text_atomic(DOCS, doc.rstrip("\n") + "\n")
-
-
 def cpu_description() -> str:
     """CPU model and the ISA extensions that decide bf16 / int8 speed (from /proc/cpuinfo)."""
     try:
@@ -540,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     print(json.dumps(res, indent=2, default=str))
     if not (args.no_docs or args.tiny):
-        write_section(text)
+        write_section(text, SECTION)
 
 
 if __name__ == "__main__":

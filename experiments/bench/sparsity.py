@@ -25,7 +25,6 @@ import argparse
 import datetime
 import gc
 import itertools
-import math
 import os
 import platform
 import statistics
@@ -36,17 +35,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _common import StepTimer, cpu_name, cpu_trainer, interleaved_runs, perplexity, write_section
 from safetensors.torch import save_file
 
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.data import TextDataModule
 from lightcook.export.sparse import export_bytes, export_sparse, load_sparse
-from lightcook.io import bytes_on_disk, write_text_atomic
+from lightcook.io import bytes_on_disk
 from lightcook.modules import CausalLMModule
 from lightcook.ops.sparsity import is_nm
 
 MODEL = "smollm2-135m-instruct"
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 SECTION = "## Sparsity"
 
 
@@ -70,48 +69,11 @@ def load_module(lr: float = 1e-4) -> CausalLMModule:
     return CausalLMModule(name_or_path=MODEL, lr=lr, warmup_steps=3)
 
 
-@torch.no_grad()
-def perplexity(module: CausalLMModule, batches: list[dict]) -> float:
-    """Token-weighted held-out perplexity (every block is full, 127 predicted tokens per row)."""
-    module.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        loss = module.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        n = batch["labels"][:, 1:].numel()
-        total, count = total + float(loss) * n, count + n
-    return math.exp(total / count)
-
-
-class StepTimer(L.Callback):
-    """Wall time of every training batch (forward, backward, optimizer step, callback hooks)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._start)
-
-
 def fit(module: CausalLMModule, data: TextDataModule, steps: int, callbacks: list) -> StepTimer:
+    """Timed fine-tune: forward, backward, optimizer step and every callback hook of each batch."""
     timer = StepTimer()
     L.seed_everything(0, verbose=False)  # same data order for every variant
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        gradient_clip_val=1.0,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tempfile.mkdtemp(prefix="lightcook-bench-"),
-        callbacks=[timer, *callbacks],  # timer first: its batch start precedes the mask update
-    )
+    trainer = cpu_trainer(steps, [timer, *callbacks])  # timer first: its batch start precedes the mask update
     trainer.fit(module, datamodule=data)
     return timer
 
@@ -170,16 +132,15 @@ def finetune_rows(data, val, args) -> tuple[list, dict]:
 
 def overhead(data, args) -> dict[str, float]:
     """Interleaved plain / callback runs; median step time of each (first step of a run dropped)."""
-    times: dict[str, list[float]] = {"plain": [], "callback": []}
-    for repeat in range(args.repeats):
-        order = ["plain", "callback"] if repeat % 2 == 0 else ["callback", "plain"]
-        for kind in order:
-            cbs = [SparsityCallback()] if kind == "callback" else []
-            times[kind] += fit(load_module(), data, args.timed_steps, cbs).times[1:]
-            gc.collect()
-    result = {k: statistics.median(v) for k, v in times.items()}
-    result["ratio"] = result["callback"] / result["plain"]
-    result["samples"] = len(times["plain"])
+
+    def run(kind: str) -> list[float]:
+        cbs = [SparsityCallback()] if kind == "callback" else []
+        times = fit(load_module(), data, args.timed_steps, cbs).times[1:]
+        gc.collect()
+        return times
+
+    medians, samples = interleaved_runs(run, ["plain", "callback"], args.repeats)
+    result = {**medians, "ratio": medians["callback"] / medians["plain"], "samples": samples}
     print(result, flush=True)
     return result
 
@@ -216,12 +177,7 @@ def export_sizes(module: CausalLMModule) -> dict[str, int]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     gpu = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     cores = os.cpu_count()
     load = os.getloadavg()[1]  # other jobs share the machine: say how busy it was
@@ -272,22 +228,6 @@ def render(args, rows, timing, enforce_ms, sizes, wall) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = DOCS) -> None:
-    """Replace (or append) the ``## Sparsity`` section, keeping every other section as it is."""
-    old = (
-        path.read_text()
-        if path.is_file()
-        else "# Benchmarks\n\nNumbers pasted from runs of the scripts in experiments/bench/.\n"
-    )
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if end < 0 else "\n" + old[end + 1 :])
-    write_text_atomic(path, new.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -303,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(args, rows + ft_rows, timing, extra["enforce_ms"], extra["sizes"], time.time() - started)
     print(text)
     if not args.no_docs:
-        write_section(text)
+        write_section(text, SECTION)
 
 
 if __name__ == "__main__":

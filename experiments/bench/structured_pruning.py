@@ -23,28 +23,27 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import math
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from _common import StepTimer, cpu_name, cpu_trainer, interleaved, perplexity, write_section
 
 from lightcook.callbacks.structured_pruning import StructuredPruningCallback
 from lightcook.data import TextDataModule
-from lightcook.io import write_text_atomic
 from lightcook.modules import CausalLMModule
 from lightcook.ops.architectures import get_architecture, layer_parameter_count
 from lightcook.ops.slicing import describe_structure, load_sliced
 
 MODEL = "smollm2-135m-instruct"
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 SECTION = "## Structured pruning"
 
 
@@ -73,32 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- runs
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, batches: list[dict]) -> float:
-    """Token-weighted held-out perplexity (every block is full: block - 1 predicted tokens per row)."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        n = batch["labels"][:, 1:].numel()
-        total, count = total + float(loss) * n, count + n
-    return math.exp(total / count)
-
-
-class StepTimer(L.Callback):
-    """Wall time of every training batch."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._start)
 
 
 class SparsityTrace(L.Callback):
@@ -132,19 +105,8 @@ def prune_run(data: TextDataModule, args: argparse.Namespace, kd: bool) -> dict[
         )
     timer, trace = StepTimer(), SparsityTrace()
     L.seed_everything(0, verbose=False)  # same data order for both runs
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.steps,
-        gradient_clip_val=1.0,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tempfile.mkdtemp(prefix="lightcook-bench-structured-"),
-        callbacks=[timer, *callbacks, trace],
-    )
+    root = tempfile.mkdtemp(prefix="lightcook-bench-structured-")
+    trainer = cpu_trainer(args.steps, [timer, *callbacks, trace], root)
     trainer.fit(module, datamodule=data)
     return {"cb": cb, "timer": timer, "trace": trace, "export": Path(cb.exports["structured"])}
 
@@ -178,28 +140,17 @@ def describe(run: dict[str, Any], val: list[dict], dense_layers: int) -> dict[st
 def forward_speed(models: dict[str, torch.nn.Module], repeats: int) -> dict[str, float]:
     """Median forward time of each model on a 4 x 128 batch, interleaved, after one warm-up each."""
     ids = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
-        for model in models.values():
-            model.eval()(input_ids=ids)
-        for _ in range(repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(input_ids=ids)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+        return interleaved(
+            {name: partial(model.eval(), input_ids=ids) for name, model in models.items()}, repeats
+        )
 
 
 # --------------------------------------------------------------------------- report
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     load = os.getloadavg()[1]  # other jobs share the machine: say how busy it was
     return (
         f"{cpu}, {os.cpu_count()} cores (5-min load average {load:.1f} at the end), "
@@ -272,22 +223,6 @@ def render(
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = DOCS) -> None:
-    """Replace (or append) the ``## Structured pruning`` section, keeping every other section."""
-    old = (
-        path.read_text()
-        if path.is_file()
-        else "# Benchmarks\n\nNumbers pasted from runs of the scripts in experiments/bench/.\n"
-    )
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if end < 0 else "\n" + old[end + 1 :])
-    write_text_atomic(path, new.rstrip("\n") + "\n")
-
-
 def kd_available() -> bool:
     try:
         from lightcook.callbacks.distillation import DistillationCallback  # noqa: F401
@@ -322,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(args, dense_ppl, dense_layers, results, speed, kd_note, time.time() - started)
     print(text)
     if not args.no_docs:
-        write_section(text)
+        write_section(text, SECTION)
 
 
 if __name__ == "__main__":

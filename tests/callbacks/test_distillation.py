@@ -7,7 +7,6 @@ import csv
 import inspect
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from lightcook.callbacks.distillation import DistillationCallback, parse_hidden_
 from lightcook.callbacks.quantization import QuantizationCallback
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.modules import CausalLMModule, Seq2SeqLMModule
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, make_trainer
 
 # A wider, deeper teacher with the same vocabulary: projections and the uniform layer map are exercised.
 WIDE_LLAMA = {**TINY_LLAMA, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 4}
@@ -70,21 +69,6 @@ def seq2seq_loader(rows: int = 4, seed: int = 0):
     labels[0, 4:] = -100
     items = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels)]
     return torch.utils.data.DataLoader(items, batch_size=2)
-
-
-def make_trainer(root, callbacks, max_steps=2, **kwargs) -> L.Trainer:
-    options = {
-        "accelerator": "cpu",
-        "max_steps": max_steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-        **kwargs,
-    }
-    return L.Trainer(callbacks=callbacks, default_root_dir=str(root), **options)
 
 
 def student(**kwargs) -> CausalLMModule:
@@ -352,7 +336,7 @@ def test_teacher_student_follows_the_canonical_order_not_the_list_order(tmp_path
     with pytest.raises(
         ValueError, match=r"compress.kd.teacher: .*compress.swap \(earlier in the canonical order"
     ):
-        make_trainer(tmp_path, [DistillationCallback(), _WrapDownProj(order=45)]).fit(
+        make_trainer(tmp_path, [DistillationCallback(), _WrapDownProj(order=45)], max_steps=2).fit(
             student(), causal_loader()
         )
     module, kd = student(), DistillationCallback()  # a swap later than kd, listed first: teacher is pristine
@@ -470,7 +454,7 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 def test_bad_maps_fail_in_setup(tmp_path, wide_teacher, kwargs, match):
     kd = DistillationCallback(teacher=str(wide_teacher), **kwargs)
     with pytest.raises(ValueError, match=match):
-        make_trainer(tmp_path, [kd]).fit(student(), causal_loader())
+        make_trainer(tmp_path, [kd], max_steps=2).fit(student(), causal_loader())
 
 
 def test_vocabulary_mismatch_and_missing_teacher(tmp_path):
@@ -479,9 +463,11 @@ def test_vocabulary_mismatch_and_missing_teacher(tmp_path):
     with pytest.raises(
         ValueError, match=r"compress.kd.teacher: vocabulary mismatch: .* 300 tokens, the student 256"
     ):
-        make_trainer(tmp_path, [DistillationCallback(teacher=str(other))]).fit(student(), causal_loader())
+        make_trainer(tmp_path, [DistillationCallback(teacher=str(other))], max_steps=2).fit(
+            student(), causal_loader()
+        )
     with pytest.raises(ValueError, match=r"compress.kd.teacher="):
-        make_trainer(tmp_path, [DistillationCallback(teacher=str(tmp_path / "nowhere"))]).fit(
+        make_trainer(tmp_path, [DistillationCallback(teacher=str(tmp_path / "nowhere"))], max_steps=2).fit(
             student(), causal_loader()
         )
 

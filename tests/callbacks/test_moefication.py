@@ -8,20 +8,18 @@ import json
 import struct
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lightcook.app import train
 from lightcook.callbacks.moefication import HEATMAP, REPORT, MoEficationCallback, write_heatmap_png
 from lightcook.export.moe import load_moe
 from lightcook.modules import CausalLMModule
 from lightcook.ops.moe import MoEFFN
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, CrashAt, keys_differing_across_ranks, make_trainer, token_loader
 
 VOCAB, LAYERS, D_FF = 256, 2, 64
 
@@ -38,27 +36,6 @@ def one_thread():
 def tiny_module(seed: int = 0, **config) -> CausalLMModule:
     torch.manual_seed(seed)
     return CausalLMModule(config={**TINY_LLAMA, **config}, tokenizer=None, lr=1e-2)
-
-
-def token_loader(batches: int = 4, batch_size: int = 2, seq: int = 16, seed: int = 0) -> DataLoader:
-    ids = torch.randint(0, VOCAB, (batches * batch_size, seq), generator=torch.Generator().manual_seed(seed))
-    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
-    return DataLoader(rows, batch_size=batch_size, shuffle=False)
-
-
-def make_trainer(root: Path, callbacks: list, **kwargs) -> L.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 3,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-    }
-    return L.Trainer(default_root_dir=root, callbacks=callbacks, **{**settings, **kwargs})
 
 
 def small_cb(**kwargs) -> MoEficationCallback:
@@ -228,15 +205,6 @@ def test_split_without_batches_is_an_error():
 # --------------------------------------------------------------------------- resume
 
 
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def _resume_run(root: Path, split_step: int, crash_at: int | None = None, ckpt_path: str | None = None):
     module = tiny_module()
     cb = small_cb(split_step=split_step, relufy=True, export_dir=None, plot=False)
@@ -276,15 +244,7 @@ class RankAgreement(Callback):
 
     def on_train_end(self, trainer, pl_module):
         state = {k: v.detach().double().flatten() for k, v in pl_module.model.state_dict().items()}
-        flat = torch.cat(list(state.values()))
-        hi = trainer.strategy.reduce(flat.clone(), reduce_op="max")
-        lo = trainer.strategy.reduce(flat.clone(), reduce_op="min")
-        differ, offset = [], 0
-        for key, value in state.items():
-            end = offset + value.numel()
-            if not torch.equal(hi[offset:end], lo[offset:end]):
-                differ.append(key)
-            offset = end
+        differ = keys_differing_across_ranks(trainer, state)
         if trainer.is_global_zero:
             Path(self.out).write_text(
                 json.dumps({"differ": differ, "world": trainer.world_size, "state": self.cb.state})

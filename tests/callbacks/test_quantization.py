@@ -6,43 +6,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
 
 from lightcook.app import train
 from lightcook.callbacks.quantization import QuantizationCallback
 from lightcook.export.quantized import load_quantized
 from lightcook.modules import CausalLMModule
 from lightcook.ops.quant import Int8Linear, QuantLinear, QuantSpec
+from tests.conftest import CrashAt, keys_differing_across_ranks, make_trainer, token_loader
+from tests.ops.test_architectures import TINY as ARCHITECTURE_CONFIGS
+from tests.ops.test_architectures import VOCAB
 
-VOCAB = 256
 TINY = {
-    "llama": {
-        "model_type": "llama",
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": True,
-    },
-    "gpt2": {
-        "model_type": "gpt2",
-        "vocab_size": VOCAB,
-        "n_embd": 32,
-        "n_layer": 2,
-        "n_head": 4,
-        "n_positions": 64,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
-    },
+    "llama": ARCHITECTURE_CONFIGS["llama"],
+    "gpt2": {**ARCHITECTURE_CONFIGS["gpt2"], "bos_token_id": 0, "eos_token_id": 0},
 }
 LLAMA_TARGETS = 2 * 7  # q, k, v, o, gate, up, down per layer
 
@@ -50,27 +31,6 @@ LLAMA_TARGETS = 2 * 7  # q, k, v, o, gate, up, down per layer
 def tiny_module(kind: str = "llama", seed: int = 0) -> CausalLMModule:
     torch.manual_seed(seed)
     return CausalLMModule(config=TINY[kind], tokenizer=None, lr=1e-2)
-
-
-def token_loader(batches: int = 4, batch_size: int = 2, seq: int = 16, seed: int = 0) -> DataLoader:
-    ids = torch.randint(0, VOCAB, (batches * batch_size, seq), generator=torch.Generator().manual_seed(seed))
-    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
-    return DataLoader(rows, batch_size=batch_size, shuffle=False)
-
-
-def make_trainer(root: Path, callbacks: list, **kwargs) -> L.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 3,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-    }
-    return L.Trainer(default_root_dir=root, callbacks=callbacks, **{**settings, **kwargs})
 
 
 def fit(root: Path, cb: QuantizationCallback, module=None, loader=None, extra=(), **kwargs):
@@ -209,15 +169,6 @@ def test_static_calibration_without_batches_raises(tmp_path):
 # --------------------------------------------------------------------------- resume
 
 
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def _resume_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
     module = tiny_module()
     cb = QuantizationCallback(
@@ -262,15 +213,7 @@ class RankAgreement(Callback):
         state["callback"] = torch.tensor(
             [float(self.cb.state["calibrated"]), self.cb.state["calibration_batches"]]
         )
-        flat = torch.cat(list(state.values()))
-        hi = trainer.strategy.reduce(flat.clone(), reduce_op="max")
-        lo = trainer.strategy.reduce(flat.clone(), reduce_op="min")
-        differ, offset = [], 0
-        for key, value in state.items():
-            end = offset + value.numel()
-            if not torch.equal(hi[offset:end], lo[offset:end]):
-                differ.append(key)
-            offset = end
+        differ = keys_differing_across_ranks(trainer, state)
         if trainer.is_global_zero:
             amax = [float(q.input_quantizer.amax) for q in self.cb.quantized_modules.values()]
             verdict = {"differ": differ, "keys": len(state), "amax": amax, "world": trainer.world_size}

@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -19,27 +18,12 @@ from torch.utils.data import DataLoader
 from lightcook.callbacks.sparsity import SparsityCallback, as_out_in
 from lightcook.modules import CausalLMModule
 from lightcook.ops.sparsity import InputNormAccumulator, is_nm, nm_mask, wanda_scores
+from tests.conftest import CrashAt, make_trainer, token_loader
+from tests.ops.test_architectures import TINY as ARCHITECTURE_CONFIGS
 
-VOCAB = 256
-TINY = {
-    "llama": {
-        "model_type": "llama",
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-    },
-    "gpt2": {
-        "model_type": "gpt2",
-        "vocab_size": VOCAB,
-        "n_embd": 32,
-        "n_layer": 2,
-        "n_head": 4,
-        "n_positions": 64,
-    },
+TINY = {  # Llama untied (its default): the LM head is a Linear of its own
+    "llama": {**ARCHITECTURE_CONFIGS["llama"], "tie_word_embeddings": False},
+    "gpt2": ARCHITECTURE_CONFIGS["gpt2"],
 }
 LLAMA_TARGETS = 2 * 7  # q, k, v, o, gate, up, down per layer
 
@@ -47,27 +31,6 @@ LLAMA_TARGETS = 2 * 7  # q, k, v, o, gate, up, down per layer
 def tiny_module(kind: str = "llama", seed: int = 0, **config) -> CausalLMModule:
     torch.manual_seed(seed)
     return CausalLMModule(config={**TINY[kind], **config}, tokenizer=None, lr=1e-2)
-
-
-def token_loader(batches: int = 4, batch_size: int = 2, seq: int = 16, seed: int = 0) -> DataLoader:
-    ids = torch.randint(0, VOCAB, (batches * batch_size, seq), generator=torch.Generator().manual_seed(seed))
-    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
-    return DataLoader(rows, batch_size=batch_size, shuffle=False)
-
-
-def make_trainer(root: Path, callbacks: list, **kwargs) -> L.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 4,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-    }
-    return L.Trainer(default_root_dir=root, callbacks=callbacks, **{**settings, **kwargs})
 
 
 def masked_out_is_zero(cb: SparsityCallback) -> bool:
@@ -104,10 +67,10 @@ class StepProbe(Callback):
         self.batch_end.append((trainer.global_step, masked_out_is_zero(self.cb), self.cb.sparsity_now()))
 
 
-def fit(root: Path, cb: SparsityCallback, module=None, loader=None, extra=(), **trainer_kwargs):
+def fit(root: Path, cb: SparsityCallback, module=None, loader=None, extra=(), max_steps=4, **trainer_kwargs):
     module = module or tiny_module()
     probe = StepProbe(cb)
-    trainer = make_trainer(root, [cb, probe, *extra], **trainer_kwargs)
+    trainer = make_trainer(root, [cb, probe, *extra], max_steps=max_steps, **trainer_kwargs)
     trainer.fit(module, loader or token_loader())
     return module, trainer, probe
 
@@ -332,15 +295,6 @@ def test_sr_ste_keeps_dense_weights_learning_and_folds_at_fit_end(tmp_path):
 # --------------------------------------------------------------------------- resume and DDP
 
 
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def _resume_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
     module = tiny_module()
     cb = SparsityCallback(  # SR-STE: pruned weights keep learning, so a mask recomputed late would differ
@@ -477,7 +431,7 @@ def test_two_sparsity_callbacks_on_one_layer_raise(tmp_path):
     with pytest.raises(
         ValueError, match=r"compress\.unstructured\.targets: .* already pruned by compress\.prune"
     ):
-        make_trainer(tmp_path, [prune, unstructured]).fit(tiny_module(), token_loader())
+        make_trainer(tmp_path, [prune, unstructured], max_steps=4).fit(tiny_module(), token_loader())
     attn_only = SparsityCallback(mode="unstructured", name="unstructured", targets=["*.self_attn.*"])
     mlp_only = SparsityCallback(targets=["*.mlp.*"])
     fit(tmp_path / "ok", mlp_only, extra=[attn_only], max_steps=2)
@@ -487,7 +441,7 @@ def test_two_sparsity_callbacks_on_one_layer_raise(tmp_path):
 def test_wanda_without_training_batches_raises(tmp_path):
     module = tiny_module()
     cb = SparsityCallback(criterion="wanda")
-    cb.setup(make_trainer(tmp_path, [cb]), module, "validate")
+    cb.setup(make_trainer(tmp_path, [cb], max_steps=4), module, "validate")
     with pytest.raises(RuntimeError, match=r"compress\.prune\.criterion='wanda' needs training batches"):
         cb.compute_masks(module)
     with pytest.raises(RuntimeError, match=r"compress\.prune\.criterion='wanda': no calibration batch"):

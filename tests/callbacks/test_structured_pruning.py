@@ -8,18 +8,17 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lightcook.callbacks.structured_pruning import StructuredPruningCallback
 from lightcook.modules import CausalLMModule
 from lightcook.ops.architectures import layer_parameter_count
 from lightcook.ops.slicing import load_sliced
+from tests.conftest import CrashAt, make_trainer, token_loader
 from tests.ops.test_architectures import MYSTERY_LAYOUT, TINY, VOCAB, Mystery, distinct_params
 
 GATE_KEYS = (
@@ -33,27 +32,6 @@ GATE_KEYS = (
 def tiny_module(kind: str = "llama", seed: int = 0) -> CausalLMModule:
     torch.manual_seed(seed)
     return CausalLMModule(config=dict(TINY[kind]), tokenizer=None, lr=1e-2)
-
-
-def token_loader(batches: int = 4, batch_size: int = 2, seq: int = 16, seed: int = 0) -> DataLoader:
-    ids = torch.randint(0, VOCAB, (batches * batch_size, seq), generator=torch.Generator().manual_seed(seed))
-    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
-    return DataLoader(rows, batch_size=batch_size, shuffle=False)
-
-
-def make_trainer(root: Path, callbacks: list, **kwargs) -> L.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 4,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-    }
-    return L.Trainer(default_root_dir=root, callbacks=callbacks, **{**settings, **kwargs})
 
 
 # --------------------------------------------------------------------------- misconfiguration
@@ -139,7 +117,7 @@ def test_unknown_layout_without_mapping_fails_in_setup(tmp_path):
         ValueError,
         match=r"compress.structured.architecture.*MysteryLM \(model_type=None\) has no known layout",
     ):
-        make_trainer(tmp_path, [StructuredPruningCallback()]).fit(module, token_loader())
+        make_trainer(tmp_path, [StructuredPruningCallback()], max_steps=4).fit(module, token_loader())
 
 
 def test_unit_kind_the_architecture_lacks_fails_in_setup(tmp_path):
@@ -149,7 +127,7 @@ def test_unit_kind_the_architecture_lacks_fails_in_setup(tmp_path):
         ValueError,
         match=r"compress.structured.units: \['heads'\] not available for architecture 'custom'; allowed here: \['neurons', 'ffn_layers'\]",
     ):
-        make_trainer(tmp_path, [cb]).fit(module, token_loader())
+        make_trainer(tmp_path, [cb], max_steps=4).fit(module, token_loader())
 
 
 def initial_log_alpha(droprate: float = 0.05) -> float:
@@ -175,7 +153,7 @@ class ManualModule(CausalLMModule):
 
 def test_manual_optimization_is_refused(tmp_path):
     with pytest.raises(TypeError, match="compress.structured: manual optimization is not supported"):
-        make_trainer(tmp_path, [StructuredPruningCallback()]).fit(ManualModule(), token_loader())
+        make_trainer(tmp_path, [StructuredPruningCallback()], max_steps=4).fit(ManualModule(), token_loader())
 
 
 class SwapOutput(Callback):
@@ -301,15 +279,6 @@ def test_reaches_the_target_freezes_and_exports(tmp_path):
 
 
 # --------------------------------------------------------------------------- resume, DDP
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 def _resume_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
