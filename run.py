@@ -1,9 +1,11 @@
 """lightcook's command line: ``python run.py +compress=[quant,prune]`` (Hydra app, conf/ folder)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from lightcook.app import register_resolvers, train
+from lightcook.app import check_compress_overrides, register_resolvers, train
 
 register_resolvers()
 
@@ -14,4 +16,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_compress_overrides(sys.argv[1:])
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     main()

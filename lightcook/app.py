@@ -84,10 +84,51 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def compress_names() -> list[str]:
+    """The techniques ``+compress=[...]`` accepts: the files of ``conf/compress/``."""
+    return sorted(p.stem for p in (CONFIG_DIR / "compress").glob("*.yaml"))
+
+
+def check_compress_overrides(overrides: list[str]) -> None:
+    """Reject a bad ``compress`` selection before Hydra composes (which would drop a duplicate
+    silently and run an empty list as plain fine-tuning).
+
+    Raises:
+        ValueError: ``compress`` given as an empty list, naming a technique twice, or naming an unknown one
+            (the message lists the available names).
+
+    Example:
+        >>> check_compress_overrides(["+compress=[quant,prune]", "model=tiny_llama"])
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    available = compress_names()
+    for parsed in OverridesParser.create().parse_overrides(
+        [o for o in overrides if o.lstrip("+~").startswith("compress=")]
+    ):
+        if parsed.is_delete():
+            continue
+        value = parsed.value()
+        for choice in value.list if isinstance(value, ChoiceSweep) else [value]:
+            names = [choice] if isinstance(choice, str) else list(choice)
+            if not names:
+                raise ValueError(
+                    f"compress: the list is empty; name at least one of {available} (or leave +compress out)"
+                )
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"compress: {repeated} given twice in {names}; each technique once")
+            unknown = [n for n in names if n not in available]
+            if unknown:
+                raise ValueError(f"compress: unknown technique(s) {unknown}; available: {available}")
+
+
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose ``conf/config.yaml`` with command-line style overrides, without running Hydra's app."""
     from hydra import compose, initialize_config_dir
 
+    check_compress_overrides(overrides or [])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides or [])
 
@@ -164,10 +205,14 @@ def build_datamodule(cfg: DictConfig, module: Any) -> Any:
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
-    """Callbacks from ``cfg.callbacks`` followed by every compression node under ``cfg.compress``."""
-    return instantiate_nodes(cfg.get("callbacks"), "callbacks") + instantiate_nodes(
-        cfg.get("compress"), "compress"
-    )
+    """Callbacks from ``cfg.callbacks``, every compression node under ``cfg.compress``, and — when
+    there is at least one — the compression report (``cfg.report``; ``report=none`` turns it off)."""
+    callbacks = instantiate_nodes(cfg.get("callbacks"), "callbacks")
+    compress = instantiate_nodes(cfg.get("compress"), "compress")
+    report = cfg.get("report")
+    if compress and report is not None:
+        compress += instantiate_nodes(DictConfig({"report": report}), "cfg")
+    return callbacks + compress
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:

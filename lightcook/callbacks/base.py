@@ -262,16 +262,8 @@ def sort_callbacks(trainer: Trainer) -> None:
 
 
 def check_combination(callbacks: Sequence[CompressionCallback], model: nn.Module) -> None:
-    """Let every compression callback reject the others (see :meth:`CompressionCallback.check_with`);
-    the same technique twice (same class, same ``name``) is rejected here."""
-    seen: set[str] = set()
-    for callback in callbacks:
-        if callback.state_key in seen:
-            raise ValueError(
-                f"{callback.config_key}: {type(callback).__name__} given twice; one callback per "
-                "technique, or give each its own `name` (and disjoint targets)"
-            )
-        seen.add(callback.state_key)
+    """Let every compression callback reject the others (see :meth:`CompressionCallback.check_with`).
+    The same technique twice (equal ``state_key``) never gets here: Lightning rejects it in ``Trainer()``."""
     for callback in callbacks:
         callback.check_with([c for c in callbacks if c is not callback], model)
 

@@ -76,11 +76,9 @@ from lightcook.callbacks.base import (
 from lightcook.export.moe import export_moe
 from lightcook.io import atomic_path, write_json_atomic
 from lightcook.ops.architectures import (
-    ARCHITECTURES,
     FFN,
-    Architecture,
     Block,
-    architecture_from_dict,
+    check_architecture_arg,
     get_architecture,
     resolve_blocks,
 )
@@ -212,7 +210,7 @@ class MoEficationCallback(CompressionCallback):
         self._check_choices()
         self._check_counts()
         self._check_numbers()
-        self.architecture = self._check_architecture(architecture)
+        self.architecture = check_architecture_arg(architecture, f"{self.config_key}.architecture")
         self.state = {
             "split_done": False,  # partition + routers computed (they live in the model's state dict)
             "split_at_step": None,  # trainer.global_step of the split
@@ -271,20 +269,6 @@ class MoEficationCallback(CompressionCallback):
         weight = self.router_loss_weight
         if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
             raise self._fail("router_loss_weight", f"must be a number >= 0, got {weight!r}")
-
-    def _check_architecture(self, architecture: str | Mapping[str, Any] | None) -> Any:
-        key = f"{self.config_key}.architecture"
-        if isinstance(architecture, str) and architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"{key}: {architecture!r} is not a registered layout; registered: {sorted(ARCHITECTURES)}"
-            )
-        if isinstance(architecture, Mapping):
-            return architecture_from_dict(architecture, key)
-        if architecture is not None and not isinstance(architecture, str | Architecture):
-            raise ValueError(
-                f"{key}: expected null, a layout name or a mapping, got {type(architecture).__name__}"
-            )
-        return architecture
 
     # ------------------------------------------------------------------ structure (setup)
 

@@ -71,10 +71,9 @@ from typing_extensions import override
 
 from lightcook.callbacks.base import CompressionCallback, StepSchedule, target_model
 from lightcook.ops.architectures import (
-    ARCHITECTURES,
     UNIT_KINDS,
     Architecture,
-    architecture_from_dict,
+    check_architecture_arg,
     get_architecture,
     layer_parameter_count,
     resolve_blocks,
@@ -186,7 +185,7 @@ class StructuredPruningCallback(CompressionCallback):
         self.tolerance, self.freeze_on_target = tolerance, freeze_on_target
         self.export_dir, self.seed = export_dir, seed
         self.architecture_spec = architecture  # as given (recorded in the export)
-        self.architecture = self._check_architecture(architecture)
+        self.architecture = check_architecture_arg(architecture, f"{self.config_key}.architecture")
         self.state = {"steps": 0, "phase": SEARCH, "frozen_at": None}
         self.summary: dict[str, Any] = {}
         self._gates: GateSet | None = None
@@ -230,20 +229,6 @@ class StructuredPruningCallback(CompressionCallback):
         if lr is not None and not lr > 0:
             raise self._fail(arg, f"must be > 0, or null, got {lr!r}")
         return lr
-
-    def _check_architecture(self, architecture: str | Mapping[str, Any] | None) -> Any:
-        key = f"{self.config_key}.architecture"
-        if isinstance(architecture, str) and architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"{key}: {architecture!r} is not a registered layout; registered: {sorted(ARCHITECTURES)}"
-            )
-        if isinstance(architecture, Mapping):
-            return architecture_from_dict(architecture, key)
-        if architecture is not None and not isinstance(architecture, str | Architecture):
-            raise ValueError(
-                f"{key}: expected null, a layout name or a mapping, got {type(architecture).__name__}"
-            )
-        return architecture
 
     # ------------------------------------------------------------------ setup: gates
 

@@ -688,3 +688,27 @@ def layer_parameter_count(model: nn.Module, arch: Architecture) -> int:
     for _stack, _i, _name, layer in iter_layers(model, arch):
         params.update({id(p): p for p in layer.parameters()})
     return sum(p.numel() for p in params.values())
+
+
+def check_architecture_arg(architecture: str | Mapping[str, Any] | Architecture | None, key: str) -> Any:
+    """Validate a callback's ``architecture`` argument: ``None`` (by ``config.model_type``), a registered
+    name, an :class:`Architecture`, or a layout mapping (turned into an :class:`Architecture`).
+
+    Raises:
+        ValueError: an unregistered name or another type; the message names ``key``.
+
+    Example:
+        >>> check_architecture_arg("llama", "compress.moe.architecture")
+        'llama'
+    """
+    if isinstance(architecture, str) and architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"{key}: {architecture!r} is not a registered layout; registered: {sorted(ARCHITECTURES)}"
+        )
+    if isinstance(architecture, Mapping):
+        return architecture_from_dict(architecture, key)
+    if architecture is not None and not isinstance(architecture, str | Architecture):
+        raise ValueError(
+            f"{key}: expected null, a layout name or a mapping, got {type(architecture).__name__}"
+        )
+    return architecture

@@ -134,6 +134,9 @@ class _Recorder(CompressionCallback):
     def prepare_model(self, trainer, pl_module):
         _Recorder.log.append(self.label)
 
+    def on_validation_start(self, trainer, pl_module):
+        _Recorder.log.append(f"{self.label}:validation_start")
+
 
 @pytest.mark.parametrize("listed", [["quant", "moe", "kd"], ["kd", "quant", "moe"]])
 def test_structural_changes_follow_canonical_order_not_list_order(tmp_path, listed):
@@ -148,4 +151,7 @@ def test_structural_changes_follow_canonical_order_not_list_order(tmp_path, list
     trainer.validate(
         CausalLMModule(config=TINY_LLAMA), DataLoader([random_batch()], batch_size=None), verbose=False
     )
-    assert _Recorder.log == ["moe", "quant", "kd"]
+    # Structural changes, then every later hook, in canonical order; other callbacks keep their slots.
+    assert _Recorder.log == ["moe", "quant", "kd", *(f"{c}:validation_start" for c in ("moe", "quant", "kd"))]
+    assert [c.label for c in trainer.callbacks if isinstance(c, _Recorder)] == ["moe", "quant", "kd"]
+    assert [type(c).__name__ for c in trainer.callbacks][-1] == "ModelCheckpoint"
