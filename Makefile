@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lightcook-installed
 
-.PHONY: help install demo test test-slow slurm-install test-slurm lint format bench clean
+.PHONY: help install demo test test-slow slurm-install test-slurm lint format bench bench-gpu clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
@@ -41,8 +41,12 @@ lint: install  ## ruff lint + format check
 format: install  ## ruff autofix + format
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
-bench: install  ## benchmark scripts (write docs/benchmarks.md)
-	for script in experiments/bench/*.py; do $(BIN)/python $$script || exit 1; done
+BENCH_CPU := quantization sparsity distillation structured_pruning moefication composition
+bench: install  ## CPU benchmark scripts, SmolLM2 (write docs/benchmarks.md; long: not part of CI)
+	for name in $(BENCH_CPU); do $(BIN)/python experiments/bench/$$name.py || exit 1; done
+
+bench-gpu: install  ## CUDA benchmarks (2:4 semi-structured vs dense; needs a GPU)
+	$(BIN)/python experiments/bench/sparse_gpu.py
 
 clean:  ## remove run outputs (not the venv or the model cache)
 	rm -rf outputs multirun lightning_logs wandb
