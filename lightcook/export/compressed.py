@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ from lightcook.ops.sparsity import is_nm, pack_nm, unpack_nm
 __all__ = ["TECHNIQUE", "export_compressed", "load_compressed", "read_manifest"]
 
 TECHNIQUE = "compressed"
+#: The manifest lists techniques in the callbacks' canonical order (slicing is applied first here).
+CANONICAL = ("moe", "structured", "nm", "quantized")
 GATES = "lightcook_gates"
 
 
@@ -207,33 +210,38 @@ def export_compressed(
         if key in skip or key.endswith(MASK_SUFFIX) or _under(key, quantized):
             continue
         stored[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-    manifest["techniques"] = techniques
+    manifest["techniques"] = sorted(techniques, key=CANONICAL.index)
     manifest["dtype"] = str(dtype or next(net.parameters()).dtype).removeprefix("torch.")
     manifest.update(_weight_bytes(net, stored, q_entries, nm_entries), **dict(extra or {}))
     return write_export(path, net, stored, manifest)
 
 
+#: Linear layers inside the repeated transformer blocks (``...layers.3.mlp.up_proj``): what the
+#: techniques compress. The LM head, embeddings and MoE routers are outside this count.
+_BLOCK_LINEAR = re.compile(r"(.*\.)?\d+\..*")
+
+
 def _weight_bytes(
     net: nn.Module, stored: Mapping[str, Tensor], q_entries: Mapping[str, Any], nm_entries: Mapping[str, Any]
 ) -> dict[str, int]:
-    """Stored bytes of the Linear weights vs. the same weights in float32 (MoE routers, norms and
-    embeddings are not Linear weights of the blocks, so they count only in the folder size)."""
+    """Stored bytes of the blocks' Linear weights vs. the same weights in float32 (the folder size,
+    measured with :func:`lightcook.io.bytes_on_disk`, covers everything else too)."""
     total = fp32 = 0
     for name, module in net.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() != 2 or isinstance(module, nn.Embedding):
-            continue
-        fp32 += weight.numel() * 4
         if name in q_entries:
             total += q_entries[name]["weight_bytes"]
-        elif name in nm_entries:
-            total += sum(
-                stored[f"{name}.weight.{k}"].numel() * stored[f"{name}.weight.{k}"].element_size()
-                for k in ("values", "indices")
-            )
-        elif f"{name}.weight" in stored:
-            t = stored[f"{name}.weight"]
-            total += t.numel() * t.element_size()
+            fp32 += q_entries[name]["fp32_weight_bytes"]
+            continue
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or isinstance(module, nn.Embedding):
+            continue
+        if not _BLOCK_LINEAR.fullmatch(name) or ".router." in f".{name}.":
+            continue
+        fp32 += weight.numel() * 4
+        keys = (
+            [f"{name}.weight.values", f"{name}.weight.indices"] if name in nm_entries else [f"{name}.weight"]
+        )
+        total += sum(stored[k].numel() * stored[k].element_size() for k in keys if k in stored)
     return {"weight_bytes": total, "fp32_weight_bytes": fp32}
 
 
