@@ -114,7 +114,8 @@ def check_compress_overrides(overrides: list[str]) -> None:
             names = [choice] if isinstance(choice, str) else list(choice)
             if not names:
                 raise ValueError(
-                    f"compress: the list is empty; name at least one of {available} (or leave +compress out)"
+                    f"compress: the list is empty; name at least one of {available} "
+                    "(or leave +compress out; [none] is the uncompressed baseline of a sweep)"
                 )
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
@@ -122,6 +123,8 @@ def check_compress_overrides(overrides: list[str]) -> None:
             unknown = [n for n in names if n not in available]
             if unknown:
                 raise ValueError(f"compress: unknown technique(s) {unknown}; available: {available}")
+            if "none" in names and len(names) > 1:
+                raise ValueError(f"compress: 'none' (the uncompressed baseline) stands alone, got {names}")
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
@@ -211,6 +214,12 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     compress = instantiate_nodes(cfg.get("compress"), "compress")
     report = cfg.get("report")
     if compress and report is not None:
+        if len(compress) > 1 and report.get("export_dir"):
+            # Combined, each technique's own export would hold a partial model; the report's one
+            # export (report.export_dir) holds them all.
+            for callback in compress:
+                if getattr(callback, "export_dir", None) is not None:
+                    callback.export_dir = None
         compress += instantiate_nodes(DictConfig({"report": report}), "cfg")
     return callbacks + compress
 

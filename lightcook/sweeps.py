@@ -124,6 +124,9 @@ def check_overrides(overrides: list[str], params: dict[str, Any], source: str) -
 
     try:
         compose_config(overrides)
+    except ValueError as err:  # a bad +compress selection (lightcook.app.check_compress_overrides)
+        combo = " ".join(f"{k}={v}" for k, v in params.items())
+        raise ValueError(f"{source}: in the combination {combo}: {err}") from err
     except (HydraException, OmegaConfBaseException) as err:
         culprit = _culprit(str(err), params)
         what = f"sweep parameter {culprit!r}" if culprit else f"command arguments {overrides}"

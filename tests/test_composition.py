@@ -109,19 +109,24 @@ def test_full_combination_through_the_app_ignores_command_line_order(compose, tm
 
 
 def test_four_way_combination_resumes_exactly(compose, tmp_path):
+    """A run that crashes at step 3 and is restarted (``ckpt_path=auto``) ends where an uninterrupted
+    run ends: same trained weights, same combined export (MoE split, masks, quantizers, KD)."""
     names = ("moe", "prune", "quant", "kd")
-    straight = tmp_path / "straight"
-    train(compose(*overrides(names, "trainer.max_steps=6", f"paths.run_dir={straight}")))
-    resumed = tmp_path / "resumed"
-    train(compose(*overrides(names, "trainer.max_steps=3", f"paths.run_dir={resumed}")))
-    second = train(compose(*overrides(names, "trainer.max_steps=6", f"paths.run_dir={resumed}")))
+    every_step = "callbacks.model_checkpoint.every_n_train_steps=1"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(compose(*overrides(names, "trainer.max_steps=6", every_step, f"paths.run_dir={straight}")))
+    crash = ["+callbacks.crash._target_=tests.conftest.CrashAt", "+callbacks.crash.step=3"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(
+            compose(*overrides(names, "trainer.max_steps=6", every_step, *crash, f"paths.run_dir={resumed}"))
+        )
+    second = train(compose(*overrides(names, "trainer.max_steps=6", every_step, f"paths.run_dir={resumed}")))
     assert second["resumed_from"] == str(resumed / "checkpoints" / "last.ckpt")
     for folder in ("model", "compressed"):
         a = load_file(straight / folder / "model.safetensors")
         b = load_file(resumed / folder / "model.safetensors")
         assert a.keys() == b.keys()
-        worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-        assert worst < 1e-5, folder
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
 
 
 @pytest.mark.parametrize(
@@ -179,6 +184,7 @@ def test_nm_masks_before_the_expert_split_are_rejected(compose):
         ("+compress=[]", r"compress: the list is empty"),
         ("+compress=[quant,quant]", r"compress: \['quant'\] given twice"),
         ("+compress=[quant,nope]", r"compress: unknown technique\(s\) \['nope'\]; available: \['kd'"),
+        ("+compress=[none,quant]", r"compress: 'none' \(the uncompressed baseline\) stands alone"),
     ],
 )
 def test_bad_compress_selection_is_a_clear_error(compose, selection, match):

@@ -132,7 +132,7 @@ def test_multirun_over_compression_combinations_with_ddp(tmp_path):
     summaries = [json.loads((p / "summary.json").read_text()) for p in jobs]
     assert [s["compress"] for s in summaries] == [["prune"], ["quant"]]
     assert all(s["world_size"] == 2 and s["train_steps"] == 4 for s in summaries)
-    assert set(summaries[0]["exports"]) == {"sparse"} and "quantized" in summaries[1]["exports"]
+    assert set(summaries[0]["exports"]) == {"sparse", "compressed"} and "quantized" in summaries[1]["exports"]
 
 
 # --------------------------------------------------------------------------- sweeps and W&B
@@ -199,7 +199,7 @@ def test_sweep_commands_run_as_offline_wandb_runs(tmp_path):
         assert wandb_run["summary"]["summary/val_ppl_after"] == pytest.approx(summary["val_ppl_after"])
         assert wandb_run["summary"]["summary/train_tokens_per_second"] > 0
         assert "summary.json" in wandb_run["files"]
-    assert sorted(seen) == [[], ["prune"]]
+    assert sorted(seen) == [["none"], ["prune"]]
 
 
 def test_submitit_launcher_config_composes_and_instantiates():
@@ -235,12 +235,12 @@ def _sweep_file(tmp_path: Path, parameters: dict, args: str = "${args_no_hyphens
     [
         ({"model.lrr": {"values": [0.1]}}, r"sweep parameter 'model.lrr' is not a config key"),
         (
-            {"+compress": {"values": ["[prune]", "[]"]}, "compress.prune.n": {"value": 1}},
-            r"sweep parameter 'compress.prune.n' is not a config key .* combination \+compress=\[\]",
+            {"+compress": {"values": ["[prune]", "[none]"]}, "compress.prune.n": {"value": 1}},
+            r"sweep parameter 'compress.prune.n' is not a config key .* combination \+compress=\[none\]",
         ),
         (
             {"+compress": {"values": ["[prnue]"]}},
-            r"sweep parameter '\+compress' is not a config key or group",
+            r"in the combination \+compress=\[prnue\]: compress: unknown technique\(s\) \['prnue'\]",
         ),
         ({"compress.prune.end_step": {"values": [None]}}, r"'compress.prune.end_step'.*string 'null'"),
         ({"model.lr": {"min": 0.1, "max": 0.2}}, r"'model.lr' needs 'value' or 'values'"),

@@ -388,7 +388,8 @@ def test_app_moe_run_exports_a_loadable_moe_model(compose):
     run = Path(summary["run_dir"])
     export = Path(summary["exports"]["moe"])
     assert export == run / "moe" and summary["train_steps"] == 3
-    assert json.loads((run / "summary.json").read_text())["exports"] == {"moe": str(export)}
+    exports = json.loads((run / "summary.json").read_text())["exports"]
+    assert exports == {"moe": str(export), "compressed": str(run / "compressed")}  # + the report's
     manifest = json.loads((export / "lightcook.json").read_text())
     assert len(manifest["layers"]) == 2 and manifest["ffn_param_fraction"] == 0.25
     assert (run / HEATMAP).is_file() and (run / REPORT).is_file()

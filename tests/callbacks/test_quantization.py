@@ -307,7 +307,7 @@ def test_app_quant_run_exports_a_loadable_int8_model(compose):
     export = Path(summary["exports"]["quantized"])
     assert export == Path(summary["run_dir"]) / "quantized" and summary["train_steps"] == 2
     on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
-    assert on_disk["exports"] == {"quantized": str(export)}
+    assert on_disk["exports"] == {"quantized": str(export), "compressed": str(export.parent / "compressed")}
     manifest = json.loads((export / "lightcook.json").read_text())
     assert len(manifest["layers"]) == LLAMA_TARGETS
     assert manifest["weight_bytes"] < 0.27 * manifest["fp32_weight_bytes"]
