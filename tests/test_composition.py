@@ -92,6 +92,17 @@ def test_combination_exports_one_model_that_computes_what_was_trained(compose, t
             assert q.get("nm") == [n, m], name
     if "quant" in names:
         assert manifest["weight_bytes"] < 0.3 * manifest["fp32_weight_bytes"]
+    if names == TECHNIQUES:  # shipped in bfloat16 (embeddings, norms, experts): still the same model
+        half = load_compressed(
+            export_compressed(module.model, tmp_path / "bf16", dtype=torch.bfloat16, **options)
+        )
+        with torch.no_grad():
+            logits = half(input_ids=ids).logits.float()
+        assert half.dtype == torch.bfloat16
+        assert (live - logits).abs().max().item() < 0.15 * live.abs().max().item()
+    compressed_layers = [*manifest.get("quantized", {}), *manifest.get("nm", {}).get("layers", {})]
+    assert compressed_layers or not {"prune", "quant"} & set(names)
+    assert not [n for n in compressed_layers if ".router." in n]  # MoE routers stay as trained
 
 
 def test_full_combination_through_the_app_ignores_command_line_order(compose, tmp_path):

@@ -30,6 +30,8 @@ from typing_extensions import override
 #: Default targets: every Linear inside a repeated block (``layers.3.mlp.up_proj``, ``block.0...``).
 #: Token embeddings and the LM head sit outside the block list and are left alone.
 BLOCK_LINEARS = ("re:(.*\\.)?\\d+\\..*",)
+#: MoE routers (``layers.3.mlp.router.fc1``): not part of the default targets of other techniques.
+ROUTERS = ("re:.*\\.router\\..*",)
 
 
 def linear_like(module: nn.Module) -> bool:
@@ -173,8 +175,10 @@ class CompressionCallback(Callback):
     def select(
         self, pl_module: LightningModule, predicate: Callable[[nn.Module], bool] = linear_like
     ) -> dict[str, nn.Module]:
-        """Targeted modules of ``pl_module.model`` (or of the module itself when it has no ``model``)."""
-        return select_modules(target_model(pl_module), self.targets, self.exclude, self.config_key, predicate)
+        """Targeted modules of ``pl_module.model`` (or of the module itself when it has no ``model``).
+        The default targets leave out MoE routers (added by MoEfication, which prepares first)."""
+        exclude = [*self.exclude, *(ROUTERS if self.targets == list(BLOCK_LINEARS) else ())]
+        return select_modules(target_model(pl_module), self.targets, exclude, self.config_key, predicate)
 
     def prepare_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Make the structural change. Called once per model, in ``setup``, deterministically."""

@@ -806,17 +806,18 @@ class MoEFFN(nn.Module):
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
     @torch.no_grad()
-    def expert_weights(self) -> dict[str, Tensor | None]:
+    def expert_weights(self, dtype: torch.dtype | None = None) -> dict[str, Tensor | None]:
         """Expert-major copies of the weights, cached until a weight changes (in place or replaced).
         Quantized projections contribute the weights they compute with
-        (:func:`~lightcook.ops.quant.effective_weight`), so the sparse path keeps their quantization.
+        (:func:`~lightcook.ops.quant.effective_weight`), so the sparse path keeps their quantization;
+        ``dtype``: the compute dtype (integer layers dequantize to float32 otherwise).
 
         Returns:
             ``in`` ``(E, j*m, d)``: each expert's activated-projection rows followed (gated, ``j = 2``)
             by its up-projection rows; ``in_bias`` ``(E, j*m)`` or ``None``; ``down`` ``(E, m, d_out)``;
             ``down_bias`` ``(d_out,)`` or ``None``.
         """
-        key = self._weight_key()
+        key = (*self._weight_key(), dtype)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         num, m = self.num_experts, self.expert_size
@@ -831,6 +832,8 @@ class MoEFFN(nn.Module):
             "down": effective_weight(out).t().reshape(num, m, -1).contiguous(),
             "down_bias": None if getattr(out, "bias", None) is None else out.bias.detach(),
         }
+        if dtype is not None:
+            weights = {k: None if v is None else v.to(dtype) for k, v in weights.items()}
         self._cache = (key, weights)
         return weights
 
@@ -848,7 +851,7 @@ class MoEFFN(nn.Module):
         n, k = x2.shape[0], self.top_k
         top = self._select(self.router(x2))  # (N, k)
         rows, sources, order, blocks = _route_plan(top, self.num_experts, self.buckets)
-        w = self.expert_weights()
+        w = self.expert_weights(x2.dtype)
         whole = bool(torch.equal(order, torch.arange(self.num_experts)))
         w_in, w_down = (w["in"], w["down"]) if whole else (_take(w["in"], order), _take(w["down"], order))
         xq = fake_quant_input(x2, input_quantization(getattr(self, self.input_names[0])))
