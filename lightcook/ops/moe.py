@@ -755,11 +755,17 @@ class MoEFFN(nn.Module):
             torch.is_grad_enabled()
             or getattr(self.router, "needs_activations", False)
             or not self._shared_input_quantization()
+            or self._hooked()
         ):
             out = self._masked(x)
         else:
             out = self._sparse(x)
         return self.dropout(out) if self.dropout is not None and self.training else out
+
+    def _hooked(self) -> bool:
+        """Whether a projection carries forward hooks (e.g. structured-pruning gates on the down
+        projection): the sparse path reads weights directly and would bypass them."""
+        return any(m._forward_pre_hooks or m._forward_hooks for m in self.projections)
 
     def _shared_input_quantization(self) -> bool:
         """Whether the input projections quantize their (common) input alike, so one fused sparse

@@ -210,6 +210,50 @@ def test_sparse_path_equals_masked_dense_path(make, buckets):
         torch.testing.assert_close(moe(x), sparse)
 
 
+@pytest.mark.parametrize("act_mode", ["dynamic", "static", "none"])
+def test_sparse_path_keeps_the_projections_fake_quantization(act_mode):
+    """Experts made of QuantLinear layers: the no-grad sparse path computes what the (fake-quantized)
+    dense masked path computes, weights and activations quantized alike."""
+    from lightcook.ops.quant import QuantLinear, QuantSpec
+
+    mlp = llama_mlp()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        q = QuantLinear.from_linear(getattr(mlp, name), QuantSpec(bits=4), "absmax", act_mode, 8)
+        if act_mode == "static":
+            q.input_quantizer.amax.fill_(2.5)
+        setattr(mlp, name, q)
+    moe = wrap(mlp, experts=8, top_k=3, router="centroid")
+    moe.permute_(partition_permutation(balanced_kmeans(moe.gate_rows(), 8), 8))
+    fit_centroid_router(moe.router, moe.gate_rows())
+    moe.set_routed(True)
+    x = torch.randn(2, 17, D)
+    with torch.no_grad():
+        sparse = moe(x)
+    with torch.enable_grad():
+        masked = moe(x).detach()
+    torch.testing.assert_close(sparse, masked, atol=1e-5, rtol=1e-5)
+    plain = wrap(llama_mlp(), experts=8, top_k=3, router="centroid")  # same weights, not quantized
+    plain.load_state_dict({k: v for k, v in moe.state_dict().items() if "quantizer" not in k}, strict=False)
+    with torch.no_grad():
+        assert relative_error(plain(x), sparse) > 1e-3  # 4-bit weights do change the output
+
+
+def test_hooked_projections_make_the_sparse_path_fall_back_to_the_dense_one():
+    """Forward hooks on a projection (structured-pruning gates on the down projection) must act:
+    the sparse path, which reads weights directly, steps aside while they are there."""
+    moe = wrap(llama_mlp(), experts=8, top_k=3, router="centroid")
+    moe.permute_(partition_permutation(balanced_kmeans(moe.gate_rows(), 8), 8))
+    fit_centroid_router(moe.router, moe.gate_rows())
+    moe.set_routed(True)
+    x = torch.randn(2, 9, D)
+    with torch.no_grad():
+        before = moe(x)
+    handle = moe.down_proj.register_forward_hook(lambda _m, _i, out: out * 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), before * 0.5)
+    handle.remove()
+
+
 def test_sparse_path_never_reads_unselected_experts():
     """Real conditional computation: an expert no token picks can hold NaN without effect."""
     moe = wrap(llama_mlp(), experts=8, top_k=2, router="centroid")
