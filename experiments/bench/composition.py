@@ -345,7 +345,7 @@ def shipped_line(r: dict[str, Any]) -> str:
     parts = [f"techniques in the export: {', '.join(r['manifest_techniques'] or []) or 'none'}"]
     if r.get("weight_bytes"):
         parts.append(
-            f"Linear weights (LM head included) {megabytes(r['weight_bytes'])} vs "
+            f"Linear weights of the blocks (LM head, embeddings and routers not included) {megabytes(r['weight_bytes'])} vs "
             f"{megabytes(r['fp32_weight_bytes'])} in fp32"
         )
     s = r.get("structure")

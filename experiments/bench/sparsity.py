@@ -85,7 +85,7 @@ def prune_once(module: CausalLMModule, calib: list[dict], **kwargs) -> tuple[Spa
     started = time.perf_counter()
     cb.compute_masks(module, batches=calib)
     seconds = time.perf_counter() - started
-    assert all(is_nm(mod.weight_mask, 2, 4) for mod in cb._modules.values())
+    assert all(is_nm(mod.weight_mask, 2, 4) for mod in cb.layers.values())
     return cb, seconds
 
 
@@ -98,7 +98,7 @@ def one_shot_rows(val: list, calib: list) -> list[tuple[str, float, str]]:
         module = load_module()
         cb, seconds = prune_once(module, calib, pattern=pattern, criterion=criterion)
         what = "calibration + " if criterion == "wanda" else ""
-        note = f"{what}mask search {seconds:.1f} s (all {len(cb._modules)} Linears)"
+        note = f"{what}mask search {seconds:.1f} s (all {len(cb.layers)} Linears)"
         rows.append((f"one-shot 2:4 {pattern} {criterion}", perplexity(module, val), note))
         print(rows[-1], flush=True)
         del module, cb

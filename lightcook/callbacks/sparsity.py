@@ -209,7 +209,17 @@ class SparsityCallback(CompressionCallback):
             "last_update_step": -1,  # trainer.global_step of the last update
             "sparsity": 0.0,  # fraction of targeted weights masked out
         }
-        self._modules: dict[str, nn.Module] = {}
+        self._names: list[str] = []
+        self._root: nn.Module | None = None
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The targeted layers by name, looked up in the model each time: a later callback (fake-quant,
+        canonical order 40) replaces the module objects, so references taken in ``setup`` would go
+        stale (Wanda's input hooks would then never fire)."""
+        if self._root is None:
+            return {}
+        return {name: self._root.get_submodule(name) for name in self._names}
 
     # ------------------------------------------------------------------ argument checks
 
@@ -289,8 +299,9 @@ class SparsityCallback(CompressionCallback):
 
     @override
     def prepare_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._modules = self.select(pl_module)
-        for name, module in self._modules.items():
+        selected = self.select(pl_module)
+        self._names, self._root = list(selected), target_model(pl_module)
+        for name, module in selected.items():
             self._check_shape(name, module)
             self._claim(name, module)
             if MASK not in module._buffers:
@@ -379,13 +390,13 @@ class SparsityCallback(CompressionCallback):
         """With SR-STE, parametrize every targeted weight so ``module.weight`` is ``w * mask``."""
         if self.sr_ste_decay is None:
             return
-        for module in self._modules.values():
+        for module in self.layers.values():
             if not parametrize.is_parametrized(module, "weight"):
                 parametrize.register_parametrization(module, "weight", _SRSTEMask(module, self.sr_ste_decay))
 
     def _fold_sr_ste(self) -> None:
         """Replace every SR-STE parametrization by its value ``w * mask`` (same Parameter object)."""
-        for module in self._modules.values():
+        for module in self.layers.values():
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
@@ -461,9 +472,9 @@ class SparsityCallback(CompressionCallback):
             RuntimeError: criterion ``wanda`` and no calibration batch.
         """
         norms = self._input_sq_norms(pl_module, trainer, batches) if self.criterion == "wanda" else {}
-        scores = {name: self._score(mod, norms.get(name)) for name, mod in self._modules.items()}  # (out, in)
+        scores = {name: self._score(mod, norms.get(name)) for name, mod in self.layers.items()}  # (out, in)
         final = self._final_masks(scores)
-        for name, module in self._modules.items():
+        for name, module in self.layers.items():
             mask = final[name] if fraction >= 1.0 else ramp_mask(scores[name], final[name], fraction)
             as_out_in(getattr(module, MASK), module).copy_(mask)
         self.apply_masks()
@@ -485,14 +496,14 @@ class SparsityCallback(CompressionCallback):
         if self.sr_ste_decay is not None:
             return
         with torch.no_grad():
-            for module in self._modules.values():
+            for module in self.layers.values():
                 # w * mask: exact zeros for finite weights, ~6x faster on CPU than ops' apply_mask_
                 # (masked_fill_ with ~mask), which matters as this runs after every optimizer step
                 module.weight.mul_(getattr(module, MASK))
 
     def sparsity_now(self) -> float:
         """Fraction of targeted weights currently masked out."""
-        masks = [getattr(module, MASK) for module in self._modules.values()]
+        masks = [getattr(module, MASK) for module in self.layers.values()]
         return 1.0 - sum(int(mk.sum()) for mk in masks) / max(1, sum(mk.numel() for mk in masks))
 
     @override
@@ -508,11 +519,11 @@ class SparsityCallback(CompressionCallback):
         """Per-layer ``sum ||x_j||^2`` over the calibration batches, summed over ranks."""
         accs = {
             name: InputNormAccumulator(as_out_in(dense_weight(mod), mod).shape[1], dense_weight(mod).device)
-            for name, mod in self._modules.items()
+            for name, mod in self.layers.items()
         }
         handles = [
             mod.register_forward_pre_hook(lambda _m, args, acc=accs[name]: acc.add(args[0]))
-            for name, mod in self._modules.items()
+            for name, mod in self.layers.items()
         ]
         try:
             self._calibrate(pl_module, trainer, batches)

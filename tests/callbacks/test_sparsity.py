@@ -35,12 +35,12 @@ def tiny_module(kind: str = "llama", seed: int = 0, **config) -> CausalLMModule:
 
 def masked_out_is_zero(cb: SparsityCallback) -> bool:
     """Every weight the masks drop is exactly zero (the effective weight under SR-STE)."""
-    return all(bool((mod.weight[~mod.weight_mask] == 0).all()) for mod in cb._modules.values())
+    return all(bool((mod.weight[~mod.weight_mask] == 0).all()) for mod in cb.layers.values())
 
 
 def weights_nm(cb: SparsityCallback, n: int = 2, m: int = 4) -> bool:
     """Every targeted weight keeps at most n nonzeros per group of m inputs."""
-    for mod in cb._modules.values():
+    for mod in cb.layers.values():
         w = as_out_in(mod.weight.detach(), mod)
         if not bool(((w != 0).reshape(w.shape[0], -1, m).sum(-1) <= n).all()):
             return False
@@ -100,7 +100,7 @@ def test_one_shot_2to4_holds_with_accumulation_and_bf16(tmp_path):
     assert trainer.global_step == 3
     assert len(probe.after_step) == 3 and all(ok for _, ok in probe.after_step)
     assert all(ok for _, ok, _ in probe.batch_end)
-    assert all(is_nm(as_out_in(mod.weight_mask, mod), 2, 4) for mod in cb._modules.values())
+    assert all(is_nm(as_out_in(mod.weight_mask, mod), 2, 4) for mod in cb.layers.values())
     assert weights_nm(cb)
     name = "model.layers.0.mlp.up_proj"
     kept = module.model.get_submodule(name).weight_mask
@@ -184,13 +184,13 @@ def test_gpt2_conv1d_masks_run_along_inputs(tmp_path):
     c_fc = module.model.transformer.h[0].mlp.c_fc  # Conv1D, weight (in=32, out=128)
     assert type(c_fc).__name__ == "Conv1D" and c_fc.weight.shape == (32, 128)
     assert is_nm(c_fc.weight_mask.T, 2, 4) and not is_nm(c_fc.weight_mask, 2, 4)
-    assert len(cb._modules) == 2 * 4 and weights_nm(cb)
+    assert len(cb.layers) == 2 * 4 and weights_nm(cb)
 
 
 def test_transposable_2d_masks(tmp_path):
     cb = SparsityCallback(pattern="2d")
     fit(tmp_path, cb, max_steps=2)
-    for mod in cb._modules.values():
+    for mod in cb.layers.values():
         assert is_nm(mod.weight_mask, 2, 4) and is_nm(mod.weight_mask.T, 2, 4)
     assert weights_nm(cb) and masked_out_is_zero(cb)
 
@@ -260,12 +260,12 @@ def test_export_written_only_once_the_ramp_is_complete(tmp_path):
 def test_unstructured_layer_and_global(tmp_path):
     layer = SparsityCallback(mode="unstructured", sparsity=0.3, name="unstructured")
     fit(tmp_path, layer, max_steps=2)
-    for mod in layer._modules.values():
+    for mod in layer.layers.values():
         assert int((~mod.weight_mask).sum()) == round(0.3 * mod.weight.numel())
     assert masked_out_is_zero(layer)
     glob = SparsityCallback(mode="unstructured", sparsity=0.3, scope="global", name="unstructured")
     fit(tmp_path / "g", glob, max_steps=2)
-    masks = [mod.weight_mask for mod in glob._modules.values()]
+    masks = [mod.weight_mask for mod in glob.layers.values()]
     total = sum(mk.numel() for mk in masks)
     assert sum(int((~mk).sum()) for mk in masks) == round(0.3 * total)
     assert len({round(float((~mk).float().mean()), 3) for mk in masks}) > 1  # layers pruned unequally
@@ -435,7 +435,7 @@ def test_two_sparsity_callbacks_on_one_layer_raise(tmp_path):
     attn_only = SparsityCallback(mode="unstructured", name="unstructured", targets=["*.self_attn.*"])
     mlp_only = SparsityCallback(targets=["*.mlp.*"])
     fit(tmp_path / "ok", mlp_only, extra=[attn_only], max_steps=2)
-    assert weights_nm(mlp_only) and masked_out_is_zero(attn_only) and len(attn_only._modules) == 8
+    assert weights_nm(mlp_only) and masked_out_is_zero(attn_only) and len(attn_only.layers) == 8
 
 
 def test_wanda_without_training_batches_raises(tmp_path):

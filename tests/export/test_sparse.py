@@ -162,8 +162,8 @@ def test_smollm2_transposable_prune_export_round_trip(tmp_path):
     cb = SparsityCallback(pattern="2d")
     cb.prepare_once(None, module)
     cb.compute_masks(module)
-    assert len(cb._modules) == 210
-    assert all(is_nm(m.weight_mask, 2, 4) and is_nm(m.weight_mask.T, 2, 4) for m in cb._modules.values())
+    assert len(cb.layers) == 210
+    assert all(is_nm(m.weight_mask, 2, 4) and is_nm(m.weight_mask.T, 2, 4) for m in cb.layers.values())
     out = export_sparse(module.model, tmp_path / "smol", dtype=torch.float16)
     packed, dense = export_bytes(module.model)
     assert packed / dense == pytest.approx(0.5625)
