@@ -80,10 +80,11 @@ def test_combination_exports_one_model_that_computes_what_was_trained(compose, t
     module.model.eval()
     with torch.no_grad():
         live, exported = module.model(input_ids=ids).logits, loaded(input_ids=ids).logits
-    # Slicing folds fractional gate values into the output projections, which moves their int8
-    # codes slightly (structured + quant); every other combination reproduces the live model.
+    # Gate values fold into whole rows of v/up projections (int8 codes unchanged), but cutting the
+    # input columns of a per-row quantized output projection re-derives a row's scale when a removed
+    # column held its largest weight (structured + quant); every other combination is exact.
     approximate = "structured" in names and "quant" in names
-    tolerance = 0.1 if approximate else 1e-4
+    tolerance = 0.02 if approximate else 1e-4
     assert (live - exported).abs().max().item() < tolerance * live.abs().max().item()
     if "prune" in names:  # the N:M pattern survived every other technique's changes
         n, m = manifest["nm"]["n"], manifest["nm"]["m"]

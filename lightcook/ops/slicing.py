@@ -153,16 +153,50 @@ def _apply(block: Block, plan: BlockPlan, arch: Architecture) -> None:
 
 
 def _fold(block: Block, kept: list[int], unit_values: list[float] | None, block_value: float) -> None:
-    """Multiply the output projection's unit channels by their gate values and everything by the block value."""
+    """Fold the gate values into the weights so the sliced block computes what the gated one did.
+
+    Unit values go into the rows of a projection that is linear in the unit's channels — the value
+    projection (attention) or the up projection (gated FFN) — when there is one: scaling whole rows
+    leaves per-row (and per-tensor, for the block value) integer codes of fake-quantized layers
+    unchanged, so a quantized model is sliced exactly. Otherwise (fused GPT-2 ``c_attn``, plain
+    ``act(fc)`` FFNs) they go into the output projection's unit channels. The block value scales the
+    output projection and its bias.
+    """
     out = block.model.get_submodule(block.output)
     scale = torch.zeros(block.units, dtype=torch.float64)
     scale[kept] = 1.0 if unit_values is None else torch.tensor(unit_values, dtype=torch.float64)
+    producer = _linear_producer(block) if unit_values is not None else None
+    if producer is not None:
+        module, rows = producer  # rows: (units, k) output channels of each unit in ``module``
+        row_scale = torch.ones(module.weight.shape[0], dtype=torch.float64)
+        row_scale[rows.flatten()] = scale.repeat_interleave(rows.shape[1])
+        module.weight.mul_(row_scale.to(module.weight.dtype)[:, None])
+        if getattr(module, "bias", None) is not None:
+            module.bias.mul_(row_scale.to(module.bias.dtype))
+        scale = (scale > 0).to(torch.float64)  # the output projection keeps only the block value
     channel_scale = (scale * block_value).repeat_interleave(block.unit_width)  # (units * unit_width,)
     weight = out.weight  # Linear (out, in) / Conv1D (in, out)
     shape = (-1, 1) if is_conv1d(out) else (1, -1)
     weight.mul_(channel_scale.to(weight.dtype).reshape(shape))
     if getattr(out, "bias", None) is not None:
         out.bias.mul_(block_value)
+
+
+def _linear_producer(block: Block) -> tuple[nn.Module, Tensor] | None:
+    """``(module, per-unit rows)`` of the ``nn.Linear`` whose output channels a unit's gate may scale
+    instead of the output projection's inputs: ``v`` of unfused attention, ``up`` of a gated FFN."""
+    layout = block.layout
+    if block.kind == ATTENTION and not getattr(layout, "fused_qkv", False):
+        name = f"{block.name}.{layout.v}"
+    elif block.kind == FFN and getattr(layout, "gated", False):
+        name = f"{block.name}.{layout.inputs[1]}"
+    else:
+        return None
+    cut = next((c for c in block.cuts if c.module == name and c.side == "out"), None)
+    module = block.model.get_submodule(name) if cut is not None else None
+    if not isinstance(module, nn.Linear) or parametrize.is_parametrized(module, "weight"):
+        return None
+    return module, cut.channels
 
 
 def cut_block(block: Block, kept: list[int], arch: Architecture) -> None:
