@@ -32,6 +32,7 @@ SETTINGS = {
         "compress.structured.units=[heads,attention_layers,ffn_layers]",
         "compress.structured.target_sparsity=0.3",
         "compress.structured.end_step=2",
+        "compress.structured.droprate_init=0.3",  # fractional gate values: the export must fold them
     ],
     "prune": [],
     "quant": [],

@@ -191,8 +191,9 @@ def export_compressed(
             stored.update(tensors)
     q_entries: dict[str, Any] = {}
     for name, q in quantized.items():
-        encode = _encode_quant_nm if name in masked else None
-        tensors, q_entries[name] = encode(name, q, *nm) if encode else _encode_layer(name, q)
+        tensors, q_entries[name] = (
+            _encode_quant_nm(name, q, *nm) if name in masked else _encode_layer(name, q)
+        )
         stored.update(tensors)
     if masked:
         manifest["nm"] = {
