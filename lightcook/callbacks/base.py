@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fnmatch
 import re
@@ -188,6 +189,7 @@ class CompressionCallback(Callback):
         # The first compression callback to reach setup puts them all in canonical order for every
         # later hook, checks the combination, and prepares all of them, in that order.
         sort_callbacks(trainer)
+        destroy_gloo_group_at_exit()
         callbacks = compression_callbacks(trainer.callbacks)
         if callbacks and callbacks[0]._prepared_model != id(pl_module):
             check_combination(callbacks, target_model(pl_module))
@@ -263,6 +265,29 @@ def sort_callbacks(trainer: Trainer) -> None:
     current = list(trainer.callbacks)
     ordered = iter(compression_callbacks(current))
     trainer.callbacks = [next(ordered) if isinstance(c, CompressionCallback) else c for c in current]
+
+
+def destroy_gloo_group_at_exit() -> None:
+    """Destroy a live gloo process group when the interpreter exits.
+
+    Lightning registers this clean-up for NCCL only; a gloo group (DDP on CPU, where the compression
+    callbacks all-reduce masks and calibration statistics) still alive at exit can abort the rank with
+    "terminate called without an active exception" (SIGABRT) after training has finished. Idempotent.
+    """
+    global _GLOO_CLEANUP_REGISTERED
+    if _GLOO_CLEANUP_REGISTERED or not torch.distributed.is_available():
+        return
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo":
+        atexit.register(_destroy_process_group)
+        _GLOO_CLEANUP_REGISTERED = True
+
+
+_GLOO_CLEANUP_REGISTERED = False
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def check_combination(callbacks: Sequence[CompressionCallback], model: nn.Module) -> None:

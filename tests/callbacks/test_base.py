@@ -155,3 +155,29 @@ def test_structural_changes_follow_canonical_order_not_list_order(tmp_path, list
     assert _Recorder.log == ["moe", "quant", "kd", *(f"{c}:validation_start" for c in ("moe", "quant", "kd"))]
     assert [c.label for c in trainer.callbacks if isinstance(c, _Recorder)] == ["moe", "quant", "kd"]
     assert [type(c).__name__ for c in trainer.callbacks][-1] == "ModelCheckpoint"
+
+
+def test_gloo_group_is_destroyed_at_exit(tmp_path, monkeypatch):
+    """A rank's gloo group must not outlive the interpreter (left alive it can SIGABRT the rank at exit):
+    the compression callbacks' setup registers its destruction, once."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from lightcook.callbacks import base
+
+    registered: list = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(base, "_GLOO_CLEANUP_REGISTERED", False)
+    base.destroy_gloo_group_at_exit()  # no group yet: nothing to do
+    assert registered == []
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        base.destroy_gloo_group_at_exit()
+        base.destroy_gloo_group_at_exit()
+        assert registered == [base._destroy_process_group]
+        registered[0]()  # what the interpreter runs at exit
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
