@@ -332,8 +332,9 @@ class DistillationCallback(CompressionCallback):
             the last hidden states.
         contrastive_temperature: InfoNCE temperature.
         contrastive_negatives: ``"sequence"`` (other tokens of the same sequence) or ``"batch"``.
-        memory_bank_size: extra negatives: teacher token representations from earlier steps (0: off;
-            not checkpointed, so a resumed run refills it).
+        memory_bank_size: extra negatives: teacher token representations from earlier steps (0: off).
+            The bank is saved in the callback's checkpoint state, so a resumed run continues with it
+            (under DDP each rank keeps its own bank; rank 0's is saved and every rank resumes with it).
         name: distinguishes two instances (checkpoint ``state_key``, config key ``compress.<name>``,
             projection attribute ``kd_projections_<name>``).
 
@@ -856,8 +857,9 @@ class DistillationCallback(CompressionCallback):
         t = getattr(t_out, field)[-1].to(s.dtype)  # (B, T, Ct)
         mask = masks["decoder"]
         ids = batch["input_ids"] if field == "hidden_states" else None
+        bank = None if self._bank is None else self._bank.to(s.device)
         loss = token_contrastive_loss(
-            s, t, mask, self.contrastive_temperature, self.contrastive_negatives, self._bank, ids
+            s, t, mask, self.contrastive_temperature, self.contrastive_negatives, bank, ids
         )
         self._update_bank(t[mask])
         return loss
@@ -870,6 +872,21 @@ class DistillationCallback(CompressionCallback):
         fresh = teacher_tokens.detach().float()
         self._bank = fresh if self._bank is None else torch.cat([fresh, self._bank.to(fresh.device)])
         self._bank = self._bank[: self.memory_bank_size]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The primitive counters, plus the contrastive memory bank (a CPU tensor) when one is filling."""
+        state = super().state_dict()
+        if self._bank is not None:
+            state["memory_bank"] = self._bank.detach().cpu()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        bank = state.pop("memory_bank", None)
+        self._bank = bank[: self.memory_bank_size] if bank is not None and self.memory_bank_size else None
+        super().load_state_dict(state)
 
     def _log(self, pl_module, batch, task, terms, loss) -> None:
         size = batch["input_ids"].shape[0]

@@ -203,6 +203,29 @@ def test_projection_trains_and_survives_resume(tmp_path, wide_teacher):
         assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6), key
 
 
+def test_contrastive_memory_bank_survives_resume(tmp_path, wide_teacher):
+    def kd() -> DistillationCallback:
+        return DistillationCallback(teacher=str(wide_teacher), contrastive_scale=1.0, memory_bank_size=40)
+
+    loader = causal_loader(rows=2)  # one batch per epoch (see the projection test)
+    straight = student()
+    make_trainer(tmp_path / "a", [kd()], max_steps=5).fit(straight, loader)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    first = kd()
+    make_trainer(tmp_path / "b", [first, ckpt], max_steps=2, enable_checkpointing=True).fit(student(), loader)
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["callbacks"][first.state_key]
+    assert saved["memory_bank"].shape == (40, 48)  # two batches of real tokens, the newest 40 kept
+    assert torch.equal(saved["memory_bank"], first._bank)
+
+    resumed, callback = student(), kd()
+    make_trainer(tmp_path / "c", [callback], max_steps=5).fit(
+        resumed, loader, ckpt_path=tmp_path / "b" / "last.ckpt"
+    )
+    for key, value in straight.state_dict().items():  # an empty bank after resume changes the loss
+        assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6), key
+
+
 # --------------------------------------------------------------------------- every term, both model kinds
 
 
