@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from _common import cpu_name, cpu_trainer, interleaved, perplexity, write_section
 
-from lightcook.callbacks.moefication import MoEficationCallback, write_heatmap_png
+from lightcook.callbacks.moefication import MoEficationCallback
 from lightcook.data import TextDataModule
 from lightcook.modules import CausalLMModule
 from lightcook.ops.moe import (
@@ -51,6 +51,7 @@ from lightcook.ops.moe import (
     set_top_k,
     train_mlp_router,
 )
+from lightcook.plots import expert_load_figure, save_figure
 
 MODEL = "smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
     parser.add_argument(
         "--threads", type=int, default=1, help="threads for training, evaluation, model speed"
+    )
+    parser.add_argument(
+        "--no-dense-reference",
+        action="store_true",
+        help="skip the dense SiLU model fine-tuned for the same steps (the same-budget reference row)",
     )
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md")
     return parser.parse_args(argv)
@@ -141,10 +147,22 @@ def without_relu(args, train, val, rows) -> dict:
     return {"sparsity": cb.state["sparsity_before"], "split_seconds": split_seconds}
 
 
+def dense_fine_tuned(args, data, val) -> float:
+    """Held-out ppl of the dense SiLU model fine-tuned as long as the ReLU-fied one (same data order,
+    optimizer and schedule): what the same training budget buys without MoEfication."""
+    module = CausalLMModule(name_or_path=MODEL, lr=args.lr, warmup_steps=3)
+    torch.manual_seed(0)
+    cpu_trainer(args.relu_steps + args.moe_steps, [], gradient_clip_val=None).fit(module, data)
+    ppl = perplexity(module.model, val)
+    print(f"[moe] dense SiLU fine-tuned {args.relu_steps + args.moe_steps} steps: ppl {ppl:.2f}", flush=True)
+    return ppl
+
+
 def with_relu(args, data, val, rows, root: Path) -> tuple[CausalLMModule, dict]:
     module = CausalLMModule(name_or_path=MODEL, lr=args.lr, warmup_steps=3)
     cb = moe_callback(args, relufy=True, split_step=args.relu_steps)
     trainer = cpu_trainer(args.relu_steps + args.moe_steps, [cb], root, gradient_clip_val=None)
+    torch.manual_seed(0)  # the same data order as the dense reference
     started = time.time()
     trainer.fit(module, data)
     fit_seconds = time.time() - started
@@ -243,15 +261,14 @@ def model_speed(module: CausalLMModule, dense_model: torch.nn.Module, args) -> d
 
 @torch.no_grad()
 def heatmap(module: CausalLMModule, val: list[dict], path: Path) -> list[list[float]]:
-    layers = list(moe_modules(module.model).values())
-    for m in layers:
+    moes = moe_modules(module.model)
+    for m in moes.values():
         m.load_counts.zero_()
     set_top_k(module.model, 0.25)
     perplexity(module.model, val)
-    load = torch.stack([m.load_counts.double() for m in layers])  # (layers, E)
-    shares = (load / load.mean(1, keepdim=True)).tolist()
-    write_heatmap_png(path, shares, cell=10)
-    return shares
+    load = torch.stack([m.load_counts.double() for m in moes.values()])  # (layers, E)
+    save_figure(expert_load_figure(load.tolist(), list(moes), "held-out tokens, 25% of the experts"), path)
+    return (load / load.mean(1, keepdim=True)).tolist()
 
 
 # --------------------------------------------------------------------------- report
@@ -278,7 +295,33 @@ def threads_note(ms: dict[int, dict[str, float]]) -> str:
     )
 
 
-def report(args, wall, dense_ppl, rows, silu, relu, ffn, model, shares) -> str:
+def ppl_table(args, dense_ppl: float, tuned_ppl: float | None, rows: list) -> list[str]:
+    """The perplexity table: ratios to the pretrained dense model and, when measured, to the dense
+    model fine-tuned for the same steps as the ReLU-fied rows (the fair reference for those)."""
+    steps = args.relu_steps + args.moe_steps
+    if tuned_ppl is None:
+        return [
+            "| model | experts used | router | held-out ppl | × dense |",
+            "|---|---:|---|---:|---:|",
+            f"| dense SmolLM2 (SiLU) | 100% | - | {dense_ppl:.2f} | 1.00 |",
+            *[f"| {m} | {f} | {r} | {p:.2f} | {p / dense_ppl:.2f} |" for m, f, r, p in rows],
+            "",
+        ]
+    return [
+        f"| model | experts used | router | held-out ppl | × dense | × dense fine-tuned {steps} steps |",
+        "|---|---:|---|---:|---:|---:|",
+        f"| dense SmolLM2 (SiLU) | 100% | - | {dense_ppl:.2f} | 1.00 | {dense_ppl / tuned_ppl:.2f} |",
+        f"| dense SmolLM2 (SiLU), fine-tuned {steps} steps | 100% | - | {tuned_ppl:.2f} | "
+        f"{tuned_ppl / dense_ppl:.2f} | 1.00 |",
+        *[
+            f"| {m} | {f} | {r} | {p:.2f} | {p / dense_ppl:.2f} | {p / tuned_ppl:.2f} |"
+            for m, f, r, p in rows
+        ],
+        "",
+    ]
+
+
+def report(args, wall, dense_ppl, tuned_ppl, rows, silu, relu, ffn, model, shares) -> str:
     fine_m, coarse_m = 1536 // args.experts, 2 * 1536 // args.experts
     ms = {t: {k: v * 1e3 for k, v in m.items()} for t, m in ffn["timings"]}
     imbalance = [max(r) for r in shares]
@@ -287,24 +330,20 @@ def report(args, wall, dense_ppl, rows, silu, relu, ffn, model, shares) -> str:
         "",
         f"Command: `{' '.join(['.venv/bin/python experiments/bench/moefication.py', *sys.argv[1:]])}`",
         f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s. "
-        "The machine was shared with other jobs (see the load average); timings are medians of interleaved "
-        "repeats in one process.",
+        f"Load average at the end: {os.getloadavg()[0]:.1f}. Timings are medians of interleaved repeats in one "
+        "process.",
         f"Model: SmolLM2-135M-Instruct (30 SwiGLU FFNs, d_ff 1536) split into {args.experts} experts of "
         f"{fine_m} neurons (co-activation split); data: Shakespeare, block 128, batch 4; held-out "
         f"ppl over {args.eval_batches} validation batches ({args.eval_batches * 4 * 127} predicted tokens); "
         f"split and routers from {args.calibration_batches} training batches, MLP routers (hidden 128) fitted "
-        f"for {args.router_steps} Adam steps; {args.threads} thread(s) for training and evaluation. Reduced "
-        f"budget (2 busy cores): ReLU-fication is {args.relu_steps} dense + {args.moe_steps} routed AdamW steps "
+        f"for {args.router_steps} Adam steps; {args.threads} thread(s) for training and evaluation. CPU "
+        f"budget: ReLU-fication is {args.relu_steps} dense + {args.moe_steps} routed AdamW steps "
         f"(lr {args.lr}, {(args.relu_steps + args.moe_steps) * 512} tokens), far below the paper's fine-tuning.",
         "",
         f"Activation sparsity (mean over FFNs, calibration tokens): SiLU original: {fmt_sparsity(silu['sparsity'])}; "
         f"ReLU-fied after {args.relu_steps} steps: {fmt_sparsity(relu['state']['sparsity_at_split'])}.",
         "",
-        "| model | experts used | router | held-out ppl | × dense |",
-        "|---|---:|---|---:|---:|",
-        f"| dense SmolLM2 (SiLU) | 100% | - | {dense_ppl:.2f} | 1.00 |",
-        *[f"| {m} | {f} | {r} | {p:.2f} | {p / dense_ppl:.2f} |" for m, f, r, p in rows],
-        "",
+        *ppl_table(args, dense_ppl, tuned_ppl, rows),
         "Speed of one FFN at SmolLM2's shapes: layer 0 of the ReLU-fied model on 8 × 256 of its real held-out "
         f"inputs; Hugging Face `LlamaMLP` (same weights) vs `MoEFFN` at 25% of the experts (sparse path, MLP "
         f"router): the trained {args.experts}-expert layer, and the same FFN re-split into {args.experts // 2} "
@@ -327,7 +366,7 @@ def report(args, wall, dense_ppl, rows, silu, relu, ffn, model, shares) -> str:
         f"({model['dense'] / model['moe25']:.2f}×; the LM head, embeddings and attention are unchanged).",
         "",
         f"Expert load on the held-out batches at 25% (`docs/{HEATMAP.name}`, layers × experts, colour = load / "
-        f"mean load, bar: 0 to the maximum): max/mean per layer from {min(imbalance):.2f} to {max(imbalance):.2f} "
+        f"the layer's mean load): max/mean per layer from {min(imbalance):.2f} to {max(imbalance):.2f} "
         f"(at most {args.experts // (args.experts // 4)} at 25%: some experts are picked by nearly every token).",
         "",
         f"![expert load]({HEATMAP.name})",
@@ -349,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     dense_ppl = perplexity(dense, val)
     print(f"[moe] dense ppl {dense_ppl:.2f}", flush=True)
     rows: list[tuple[str, str, str, float]] = []
+    tuned_ppl = None if args.no_dense_reference else dense_fine_tuned(args, data, val)
     silu = without_relu(args, train, val, rows)
     release_workspaces()
     with tempfile.TemporaryDirectory() as root:
@@ -356,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     shares = heatmap(module, val, Path(tempfile.mkdtemp()) / HEATMAP.name if args.no_docs else HEATMAP)
     ffn = ffn_speed(module, train, val, args)
     model = model_speed(module, copy.deepcopy(dense), args)
-    text = report(args, time.time() - started, dense_ppl, rows, silu, relu, ffn, model, shares)
+    text = report(args, time.time() - started, dense_ppl, tuned_ppl, rows, silu, relu, ffn, model, shares)
     print(text)
     if not args.no_docs:
         write_section(text, SECTION)

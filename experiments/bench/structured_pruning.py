@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved forward timings per model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-kd", action="store_true", help="skip the run with distillation")
+    parser.add_argument(
+        "--no-dense-reference", action="store_true", help="skip the dense model fine-tuned for --steps"
+    )
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md")
     return parser.parse_args(argv)
 
@@ -109,6 +112,15 @@ def prune_run(data: TextDataModule, args: argparse.Namespace, kd: bool) -> dict[
     trainer = cpu_trainer(args.steps, [timer, *callbacks, trace], root)
     trainer.fit(module, datamodule=data)
     return {"cb": cb, "timer": timer, "trace": trace, "export": Path(cb.exports["structured"])}
+
+
+def dense_fine_tuned(data: TextDataModule, args: argparse.Namespace) -> torch.nn.Module:
+    """The dense model fine-tuned for the same ``--steps`` (same data order, optimizer and schedule):
+    the same-budget reference for the pruned runs, which also learn the corpus while pruning."""
+    module = CausalLMModule(name_or_path=MODEL, lr=args.lr, warmup_steps=3)
+    L.seed_everything(0, verbose=False)
+    cpu_trainer(args.steps, []).fit(module, datamodule=data)
+    return module.model
 
 
 def describe(run: dict[str, Any], val: list[dict], dense_layers: int) -> dict[str, Any]:
@@ -169,6 +181,7 @@ def trace_line(name: str, rows: list[tuple[float, float]]) -> str:
 def render(
     args,
     dense_ppl: float,
+    tuned_ppl: float | None,
     dense_layers: int,
     results: dict[str, dict],
     speed: dict,
@@ -195,6 +208,11 @@ def render(
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| dense | {dense_ppl:.2f} | {dense_layers:,} | 0 | 30 | 90 | 30 | 46,080 | 30 | - | - |",
     ]
+    if tuned_ppl is not None:
+        lines.append(
+            f"| dense, fine-tuned {args.steps} steps (same budget, no pruning) | {tuned_ppl:.2f} | "
+            f"{dense_layers:,} | 0 | 30 | 90 | 30 | 46,080 | 30 | - | - |"
+        )
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['ppl']:.2f} | {r['layer_params']:,} | {r['sparsity']:.3f} | {r['attention_kept']} | "
@@ -241,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     dense = CausalLMModule(name_or_path=MODEL).model
     dense_layers = layer_parameter_count(dense, get_architecture(dense))
     dense_ppl = perplexity(dense, val)
+    tuned_ppl = None if args.no_dense_reference else perplexity(dense_fine_tuned(data, args), val)
     results = {
         "pruned + fine-tuned (task loss)": describe(prune_run(data, args, kd=False), val, dense_layers)
     }
@@ -254,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         kd_note = "The KD run adds DistillationCallback (teacher = the dense starting model, logits KL, T=1) to the same recipe."
     speed = forward_speed({"dense": dense} | {name: r["model"] for name, r in results.items()}, args.repeats)
-    text = render(args, dense_ppl, dense_layers, results, speed, kd_note, time.time() - started)
+    text = render(args, dense_ppl, tuned_ppl, dense_layers, results, speed, kd_note, time.time() - started)
     print(text)
     if not args.no_docs:
         write_section(text, SECTION)

@@ -52,8 +52,6 @@ Example:
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,7 +72,7 @@ from lightcook.callbacks.base import (
     target_model,
 )
 from lightcook.export.moe import export_moe
-from lightcook.io import atomic_path, write_json_atomic
+from lightcook.io import write_json_atomic
 from lightcook.ops.architectures import (
     FFN,
     Block,
@@ -97,6 +95,7 @@ from lightcook.ops.moe import (
     random_partition,
     train_mlp_router,
 )
+from lightcook.plots import expert_load_figure, save_figure
 
 HEATMAP, REPORT = "moe_expert_load.png", "moe_report.json"
 
@@ -583,7 +582,8 @@ class MoEficationCallback(CompressionCallback):
             run_dir = Path(trainer.default_root_dir)
             write_json_atomic(run_dir / REPORT, self.report)
             if self.plot:
-                write_heatmap_png(run_dir / HEATMAP, _shares(load).tolist())
+                names = list(self._moes)
+                save_figure(expert_load_figure(load.tolist(), names, "training tokens"), run_dir / HEATMAP)
 
     def _build_report(self, load: Tensor) -> dict[str, Any]:
         imbalance = _imbalance(load)
@@ -636,11 +636,6 @@ def _imbalance(load: Tensor) -> Tensor | None:
     return load.max(1).values / load.mean(1).clamp_min(1e-12)
 
 
-def _shares(load: Tensor) -> Tensor:
-    """Load relative to the layer's mean expert load (1 = average)."""
-    return load / load.mean(1, keepdim=True).clamp_min(1e-12)
-
-
 def _router_fraction(moes: Iterable[MoEFFN]) -> float:
     """Router parameters as a share of the FFN weights."""
     router = ffn = 0
@@ -650,68 +645,6 @@ def _router_fraction(moes: Iterable[MoEFFN]) -> float:
         )
         ffn += sum(m.weight.numel() for m in moe.projections)
     return round(router / max(1, ffn), 6)
-
-
-# --------------------------------------------------------------------------- heatmap PNG (no matplotlib)
-
-_COLORS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))  # viridis anchors
-
-
-def _color(value: float) -> tuple[int, int, int]:
-    value = min(1.0, max(0.0, value)) * (len(_COLORS) - 1)
-    i = min(int(value), len(_COLORS) - 2)
-    t = value - i
-    return tuple(round(a + (b - a) * t) for a, b in zip(_COLORS[i], _COLORS[i + 1]))
-
-
-def write_heatmap_png(
-    path: str | Path, matrix: Sequence[Sequence[float]], cell: int = 8, vmax: float | None = None
-) -> Path:
-    """Write ``matrix`` (rows = layers, columns = experts) as a heatmap PNG, atomically.
-
-    Pure Python (zlib + struct): viridis-like colours from 0 (dark) to ``vmax`` (default: the
-    maximum; yellow); a colour bar from 0 to ``vmax`` runs along the bottom.
-
-    Args:
-        path: PNG file to write.
-        matrix: non-empty rows of equal length.
-        cell: pixels per cell side.
-        vmax: value mapped to the brightest colour.
-
-    Raises:
-        ValueError: an empty matrix or rows of unequal length.
-
-    Example:
-        >>> import tempfile
-        >>> p = write_heatmap_png(tempfile.mkdtemp() + "/h.png", [[0.0, 1.0], [2.0, 1.0]])
-        >>> p.read_bytes()[:4]
-        b'\\x89PNG'
-    """
-    rows = [list(map(float, r)) for r in matrix]
-    if not rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
-        raise ValueError("write_heatmap_png: needs a non-empty matrix with rows of equal length")
-    top = vmax if vmax is not None else max(max(r) for r in rows) or 1.0
-    width = len(rows[0]) * cell
-    lines = []
-    for r in rows:
-        line = b"".join(bytes(_color(v / top)) * cell for v in r)
-        lines += [line] * cell
-    lines += [bytes(3 * width)] * 2 + [
-        b"".join(bytes(_color(x / max(1, width - 1))) for x in range(width))
-    ] * cell
-    raw = b"".join(b"\x00" + line for line in lines)
-    png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, len(lines), 8, 2, 0, 0, 0))
-    png += _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(png)
-    return path
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    )
 
 
 def read_report(run_dir: str | Path) -> dict[str, Any]:

@@ -70,17 +70,18 @@ from lightcook.callbacks.base import (
 from lightcook.export.common import model_from_config
 from lightcook.export.compressed import GATES, export_compressed, load_compressed, read_manifest
 from lightcook.export.sparse import MASK_SUFFIX
-from lightcook.io import atomic_path, bytes_on_disk, write_json_atomic, write_text_atomic
+from lightcook.io import bytes_on_disk, write_json_atomic, write_text_atomic
 from lightcook.ops.architectures import is_conv1d, linear_dims
 from lightcook.ops.hard_concrete import GateSet
 from lightcook.ops.moe import moe_modules
 from lightcook.ops.quant import QuantLinear, scale_shape
 from lightcook.ops.sparsity import is_nm, nm_index_bits, nm_storage_bytes
+from lightcook.plots import expert_load_figure, figure, save_figure, short_name
 
 #: Dtypes the tensors stored as they are (embeddings, norms, float layers) may be cast to in the export.
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
-__all__ = ["CompressionReport", "Estimate", "LayerStats", "estimate_compression", "short_name"]
+__all__ = ["CompressionReport", "Estimate", "LayerStats", "estimate_compression"]
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 LAYERS_PNG, HISTORY_PNG, EXPERT_PNG = "report_layers.png", "report_history.png", "report_expert_load.png"
@@ -281,32 +282,6 @@ def _structural_fractions(model: nn.Module) -> dict[str, float]:
             if linear_like(module):
                 fractions[name] = share
     return fractions
-
-
-def short_name(name: str) -> str:
-    """A compact label for a layer name: block index + the rest, abbreviated.
-
-    Example:
-        >>> short_name("model.layers.12.self_attn.q_proj"), short_name("transformer.h.0.mlp.c_fc")
-        ('12.attn.q', '0.mlp.c_fc')
-    """
-    parts = name.split(".")
-    idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-    if idx is None:
-        return name
-    head = f"{parts[0][:3]}." if parts[0] in ("encoder", "decoder") else ""
-    tail = [_ABBREV.get(p, p.removesuffix("_proj")) for p in parts[idx + 1 :]]
-    return head + ".".join([parts[idx], *tail])
-
-
-_ABBREV = {
-    "self_attn": "attn",
-    "attention": "attn",
-    "SelfAttention": "attn",
-    "EncDecAttention": "xattn",
-    "DenseReluDense": "ffn",
-    "layer": "l",
-}
 
 
 # --------------------------------------------------------------------------- the callback
@@ -812,23 +787,6 @@ def _speed_shape(speed: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- plots (matplotlib, Agg)
 
 
-def _figure(width: float, height: float, rows: int = 1) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.subplots(rows, 1, squeeze=False)[:, 0]
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """Save a matplotlib figure as PNG atomically (rendered with the Agg canvas)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
-
-
 def _write_plots(run_dir: Path, report: Mapping[str, Any]) -> list[str]:
     written = []
     if report["layers"]:
@@ -838,7 +796,8 @@ def _write_plots(run_dir: Path, report: Mapping[str, Any]) -> list[str]:
         save_figure(_history_figure(report), run_dir / HISTORY_PNG)
         written.append(HISTORY_PNG)
     if report.get("expert_load"):
-        save_figure(_expert_figure(report["expert_load"]), run_dir / EXPERT_PNG)
+        load = report["expert_load"]
+        save_figure(expert_load_figure(load["tokens"], load["layers"], load["source"]), run_dir / EXPERT_PNG)
         written.append(EXPERT_PNG)
     return written
 
@@ -846,7 +805,7 @@ def _write_plots(run_dir: Path, report: Mapping[str, Any]) -> list[str]:
 def _layers_figure(report: Mapping[str, Any]) -> Any:
     layers = report["layers"]
     names = [short_name(layer["name"]) for layer in layers]
-    fig, (top, bottom) = _figure(max(8.0, 0.22 * len(layers) + 2.0), 7.0, rows=2)
+    fig, (top, bottom) = figure(max(8.0, 0.22 * len(layers) + 2.0), 7.0, rows=2)
     x = range(len(layers))
     top.bar(x, [100 * (layer["sparsity"] or 0) for layer in layers], color="tab:red")
     top.set(ylabel="sparsity (%)", ylim=(0, 100), title="Weights masked or removed, per layer")
@@ -870,7 +829,7 @@ def _layers_figure(report: Mapping[str, Any]) -> Any:
 def _history_figure(report: Mapping[str, Any]) -> Any:
     rows = report["history"]
     steps = [row["step"] for row in rows]
-    fig, (top, bottom) = _figure(8.0, 6.0, rows=2)
+    fig, (top, bottom) = figure(8.0, 6.0, rows=2)
     ppl = [(row["step"], row["val_ppl"]) for row in rows if row["val_ppl"] is not None]
     top.plot([s for s, _ in ppl], [p for _, p in ppl], marker="o", color="tab:purple", label="live model")
     export_ppl = report["ppl"].get("export")
@@ -893,16 +852,4 @@ def _history_figure(report: Mapping[str, Any]) -> Any:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return fig
-
-
-def _expert_figure(load: Mapping[str, Any]) -> Any:
-    tokens = torch.tensor(load["tokens"], dtype=torch.float64)  # (layers, experts)
-    shares = tokens / tokens.mean(1, keepdim=True).clamp_min(1e-12)
-    names = [short_name(name) for name in load["layers"]]
-    fig, (ax,) = _figure(max(6.0, 0.25 * tokens.shape[1] + 3.0), max(3.0, 0.3 * len(names) + 1.5))
-    image = ax.imshow(shares.numpy(), aspect="auto", cmap="viridis", vmin=0)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set(xlabel="expert", ylabel="FFN layer", title=f"Expert load ({load['source']}); 1 = balanced")
-    fig.colorbar(image, ax=ax, label="tokens / layer mean")
     return fig
