@@ -257,11 +257,12 @@ def render_overhead(args, timing: dict, pruned: bool) -> list[str]:
 
 
 def render(args, parts: list[str], wall: float) -> str:
-    command = f"Command: `.venv/bin/python experiments/bench/distillation.py {' '.join(sys.argv[1:])}`"
+    command = " ".join([".venv/bin/python experiments/bench/distillation.py", *sys.argv[1:]])
+    command = f"Command: `{command}`"
     header = [
         SECTION,
         "",
-        command.rstrip(),
+        command,
         f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s. "
         f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
         "",
