@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Adam learning rate of the multipliers (large: short run)",
     )
     parser.add_argument("--droprate-init", type=float, default=0.05, help="initial gate drop rate")
+    parser.add_argument(
+        "--init", choices=["uniform", "taylor"], default="uniform", help="gate initialisation"
+    )
     parser.add_argument("--block-size", type=int, default=64, help="tokens per row (training and held-out)")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per batch")
     parser.add_argument("--eval-batches", type=int, default=8, help="held-out batches")
@@ -89,8 +92,9 @@ class SparsityTrace(L.Callback):
         self.rows.append((expected, float(metrics.get("compress/sparsity", float("nan")))))
 
 
-def prune_run(data: TextDataModule, args: argparse.Namespace, kd: bool) -> dict[str, Any]:
-    """Fit with the pruning callback (and distillation); return the callback, timer and export path."""
+def prune_run(data: TextDataModule, args: argparse.Namespace, kd: str | None) -> dict[str, Any]:
+    """Fit with the pruning callback (and distillation from the teacher ``kd``: a path, or
+    ``"student"``); return the callback, timer and export path."""
     module = CausalLMModule(name_or_path=MODEL, lr=args.lr, warmup_steps=3)
     cb = StructuredPruningCallback(
         target_sparsity=args.target,
@@ -98,14 +102,13 @@ def prune_run(data: TextDataModule, args: argparse.Namespace, kd: bool) -> dict[
         gate_lr=args.gate_lr,
         lambda_lr=args.lambda_lr,
         droprate_init=args.droprate_init,
+        init=args.init,
     )
     callbacks: list[L.Callback] = [cb]
     if kd:
         from lightcook.callbacks.distillation import DistillationCallback
 
-        callbacks.append(
-            DistillationCallback(teacher="student", task_scale=1.0, logits_scale=1.0, temperature=1.0)
-        )
+        callbacks.append(DistillationCallback(teacher=kd, task_scale=1.0, logits_scale=1.0, temperature=1.0))
     timer, trace = StepTimer(), SparsityTrace()
     L.seed_everything(0, verbose=False)  # same data order for both runs
     root = tempfile.mkdtemp(prefix="lightcook-bench-structured-")
@@ -199,7 +202,8 @@ def render(
         f"{args.eval_batches} validation batches ({args.eval_batches * args.batch_size * (args.block_size - 1)} "
         f"predicted tokens, context {args.block_size}). Each run: {args.steps} AdamW steps "
         f"(lr {args.lr}, warmup 3, cosine), target sparsity {args.target} reached linearly over {args.warmup} "
-        f"steps (gate Adam lr {args.gate_lr}, multiplier lr {args.lambda_lr}, droprate_init {args.droprate_init}), "
+        f"steps (gate Adam lr {args.gate_lr}, multiplier lr {args.lambda_lr}, droprate_init {args.droprate_init}, "
+        f"gate init {args.init}), "
         "gates frozen once met, then fine-tuning with the structure fixed. This is a short CPU budget: "
         "CoFi-style pruning usually runs thousands of steps, so the perplexities below are far from converged.",
         "",
@@ -259,19 +263,30 @@ def main(argv: list[str] | None = None) -> None:
     dense = CausalLMModule(name_or_path=MODEL).model
     dense_layers = layer_parameter_count(dense, get_architecture(dense))
     dense_ppl = perplexity(dense, val)
-    tuned_ppl = None if args.no_dense_reference else perplexity(dense_fine_tuned(data, args), val)
-    results = {
-        "pruned + fine-tuned (task loss)": describe(prune_run(data, args, kd=False), val, dense_layers)
-    }
+    teacher, tuned_ppl = "student", None  # KD teacher: the dense fine-tuned model when there is one
+    if not args.no_dense_reference:
+        tuned = dense_fine_tuned(data, args)
+        tuned_ppl = perplexity(tuned, val)
+        teacher = tempfile.mkdtemp(prefix="lightcook-bench-teacher-")
+        tuned.save_pretrained(teacher)
+        del tuned
+    results = {"pruned + fine-tuned (task loss)": describe(prune_run(data, args, kd=None), val, dense_layers)}
     if args.no_kd:
         kd_note = "Distillation run: skipped (`--no-kd`)."
     elif not kd_available():
         kd_note = "Distillation run: pending (lightcook.callbacks.distillation is not available yet)."
     else:
         results["pruned + fine-tuned (task + KD from dense)"] = describe(
-            prune_run(data, args, kd=True), val, dense_layers
+            prune_run(data, args, kd=teacher), val, dense_layers
         )
-        kd_note = "The KD run adds DistillationCallback (teacher = the dense starting model, logits KL, T=1) to the same recipe."
+        source = (
+            f"the dense model fine-tuned {args.steps} steps, the row above"
+            if teacher != "student"
+            else "the dense starting model"
+        )
+        kd_note = (
+            f"The KD run adds DistillationCallback (teacher = {source}; logits KL, T=1) to the same recipe."
+        )
     speed = forward_speed({"dense": dense} | {name: r["model"] for name, r in results.items()}, args.repeats)
     text = render(args, dense_ppl, tuned_ppl, dense_layers, results, speed, kd_note, time.time() - started)
     print(text)

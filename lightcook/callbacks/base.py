@@ -19,13 +19,14 @@ import atexit
 import contextlib
 import fnmatch
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 #: Default targets: every Linear inside a repeated block (``layers.3.mlp.up_proj``, ``block.0...``).
@@ -330,6 +331,16 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def calibration_source(loader: Any) -> Iterable:
+    """A fresh, single-process view of ``loader`` for calibration passes: the live training iterator
+    is left untouched (same sampler, no worker processes)."""
+    if isinstance(loader, DataLoader) and loader.batch_sampler is not None:
+        return DataLoader(
+            loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn, num_workers=0
+        )
+    return loader
 
 
 def first_loader(loaders: Any) -> Any:

@@ -38,13 +38,13 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightcook.callbacks.base import (
     CompressionCallback,
     StepSchedule,
     all_reduce_,
+    calibration_source,
     eval_mode,
     first_loader,
     target_model,
@@ -105,15 +105,6 @@ class _SRSTEMask(nn.Module):
     @override
     def forward(self, weight: Tensor) -> Tensor:
         return sr_ste(weight, getattr(self._owner, MASK), self.decay)
-
-
-def _calibration_source(loader: Any) -> Iterable:
-    """A fresh, single-process view of ``loader``: the live training iterator is left untouched."""
-    if isinstance(loader, DataLoader) and loader.batch_sampler is not None:
-        return DataLoader(
-            loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn, num_workers=0
-        )
-    return loader
 
 
 # --------------------------------------------------------------------------- the callback
@@ -563,7 +554,7 @@ class SparsityCallback(CompressionCallback):
                 f"{self.config_key}.criterion='wanda' needs training batches to calibrate on; none "
                 "available (outside Trainer.fit pass compute_masks(batches=...))"
             )
-        return _calibration_source(loader)
+        return calibration_source(loader)
 
     # ------------------------------------------------------------------ fit end: fold, export
 

@@ -11,6 +11,12 @@ Xia et al. 2022):
   each block's output projection. The gate logits, the multipliers, the gates' Adam moments and the
   noise counter are parameters/buffers of the model: they ride in its state dict and a resumed run
   continues exactly.
+* ``init="taylor"``: at the start of training (not on resume) the gates of each kind are ordered by
+  first-order importance ``|Σ ∂loss/∂z|`` at ``z = 1`` over ``calibration_batches`` training batches
+  (summed over ranks): the least important unit keeps the ``droprate_init`` logit, the most
+  important gets ``init_spread`` more, evenly by rank. Every gate starts open (the model is still the
+  dense one); the size penalty then closes the least important units first unless the task loss
+  holds them. Short runs, whose gate gradients are mostly noise, keep a meaningful ranking.
 * The loss: a callback cannot replace it, so at ``on_fit_start`` (after every callback's ``setup``)
   this callback wraps whatever ``training_step`` is installed at that moment — the module's own, or
   another callback's wrapper such as distillation's — and adds
@@ -60,6 +66,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,7 +76,15 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightcook.callbacks.base import CompressionCallback, StepSchedule, target_model
+from lightcook.callbacks.base import (
+    CompressionCallback,
+    StepSchedule,
+    all_reduce_,
+    calibration_source,
+    eval_mode,
+    first_loader,
+    target_model,
+)
 from lightcook.ops.architectures import (
     UNIT_KINDS,
     Architecture,
@@ -92,6 +107,7 @@ from lightcook.ops.slicing import gate_summary, plan_from_gates, save_sliced, sl
 GATES_ATTRIBUTE = "lightcook_gates"
 DEFAULT_UNITS = ("heads", "neurons", "attention_layers", "ffn_layers")
 SEARCH, FIXED = "search", "fixed"
+INITS = ("uniform", "taylor")  # gate initialisation: all alike, or ordered by first-order importance
 
 
 class StructuredPruningCallback(CompressionCallback):
@@ -115,6 +131,10 @@ class StructuredPruningCallback(CompressionCallback):
             multipliers must grow to ~10³ before the constraint outweighs the task loss; with 1.0 a
             30-step SmolLM2 run did not reach its target (docs/benchmarks.md).
         droprate_init: initial drop rate of every gate (``log_alpha = log((1−d)/d)``).
+        init: ``"uniform"`` (every gate at ``droprate_init``) or ``"taylor"`` (gates ordered by
+            first-order importance on calibration batches at the start of training; see above).
+        calibration_batches: training batches for ``init="taylor"``.
+        init_spread: ``init="taylor"``: logit added to the most important unit of each kind (> 0).
         beta, limit_l, limit_r: hard-concrete temperature and stretch interval (γ, ζ).
         tolerance: the target counts as met when the deterministic sparsity is at least
             ``target_sparsity − tolerance``.
@@ -154,6 +174,9 @@ class StructuredPruningCallback(CompressionCallback):
         gate_lr: float | None = 0.5,
         lambda_lr: float | None = 50.0,
         droprate_init: float = 0.05,
+        init: str = "uniform",
+        calibration_batches: int = 8,
+        init_spread: float = 4.0,
         beta: float = BETA,
         limit_l: float = LIMIT_L,
         limit_r: float = LIMIT_R,
@@ -178,6 +201,17 @@ class StructuredPruningCallback(CompressionCallback):
             "limit_l": limit_l,
             "limit_r": limit_r,
         }
+        if init not in INITS:
+            raise self._fail("init", f"must be one of {list(INITS)}, got {init!r}")
+        if (
+            not isinstance(calibration_batches, int)
+            or isinstance(calibration_batches, bool)
+            or calibration_batches < 1
+        ):
+            raise self._fail("calibration_batches", f"must be an integer >= 1, got {calibration_batches!r}")
+        if not isinstance(init_spread, int | float) or not init_spread > 0:
+            raise self._fail("init_spread", f"must be > 0, got {init_spread!r}")
+        self.init, self.calibration_batches, self.init_spread = init, calibration_batches, float(init_spread)
         if not 0 <= tolerance < 1:
             raise self._fail("tolerance", f"must lie in [0, 1), got {tolerance}")
         if export_dir is not None and not str(export_dir).strip():
@@ -186,7 +220,7 @@ class StructuredPruningCallback(CompressionCallback):
         self.export_dir, self.seed = export_dir, seed
         self.architecture_spec = architecture  # as given (recorded in the export)
         self.architecture = check_architecture_arg(architecture, f"{self.config_key}.architecture")
-        self.state = {"steps": 0, "phase": SEARCH, "frozen_at": None}
+        self.state = {"steps": 0, "phase": SEARCH, "frozen_at": None, "initialized": init == "uniform"}
         self.summary: dict[str, Any] = {}
         self._gates: GateSet | None = None
         self._arch: Architecture | None = None
@@ -244,6 +278,11 @@ class StructuredPruningCallback(CompressionCallback):
                 f"{self.config_key}: manual optimization is not supported (the size penalty is added to the "
                 "loss that training_step returns)"
             )
+        if self.init == "taylor" and not callable(getattr(pl_module, "compute_loss", None)):
+            raise TypeError(
+                f"{self.config_key}.init='taylor': {type(pl_module).__name__} has no "
+                "compute_loss(batch) -> (loss, outputs) to score the gates with"
+            )
         model = target_model(pl_module)
         arch = get_architecture(model, self.architecture, key=f"{self.config_key}.architecture")
         missing = [u for u in self.units if u not in arch.units]
@@ -280,6 +319,45 @@ class StructuredPruningCallback(CompressionCallback):
         if self.gate_lr is not None:
             self._take_gates_from_optimizers(trainer)
         self._wrap(pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.state["initialized"]:
+            return
+        if trainer.global_step == 0:  # a resumed run has its gates from the checkpoint
+            self._gates.rank_init_(self.taylor_scores(trainer, pl_module), self.init_spread)
+        self.state["initialized"] = True
+
+    def taylor_scores(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
+        """``|Σ ∂loss/∂z|`` per gate at ``z = 1`` over ``calibration_batches`` training batches
+        (eval mode, summed over ranks, global RNG untouched); the weights get no gradient."""
+        loader = first_loader(trainer.train_dataloader)
+        if loader is None:
+            raise RuntimeError(
+                f"{self.config_key}.init='taylor' needs training batches; the trainer has none"
+            )
+        totals = {
+            kind: torch.zeros_like(g.log_alpha, dtype=torch.float64) for kind, g in self._gates.gates.items()
+        }
+        seen = 0
+        with (
+            torch.random.fork_rng(devices=[]),
+            eval_mode(pl_module),
+            trainer.precision_plugin.forward_context(),
+            self._gates.probe() as values,
+        ):
+            torch.manual_seed(0)  # the sampler's shuffle: the same batches on a rerun
+            for batch in itertools.islice(calibration_source(loader), self.calibration_batches):
+                loss, _ = pl_module.compute_loss(trainer.strategy.batch_to_device(batch))
+                kinds = list(values)
+                grads = torch.autograd.grad(loss, [values[k] for k in kinds], allow_unused=True)
+                for kind, grad in zip(kinds, grads):
+                    if grad is not None:
+                        totals[kind] += grad.double()
+                seen += 1
+        if not seen:
+            raise RuntimeError(f"{self.config_key}.init='taylor': the training dataloader is empty")
+        return {kind: all_reduce_(total, trainer).abs() for kind, total in totals.items()}
 
     def _ensure_hooks(self, pl_module: LightningModule) -> None:
         """Re-hook the gates when a later callback replaced a gated projection (e.g. a fake-quant

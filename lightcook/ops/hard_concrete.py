@@ -33,8 +33,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -275,6 +276,7 @@ class GateSet(nn.Module):
         self.other_params = layer_params - gated  # never pruned (e.g. T5's relative position bias)
         self.layer_params = layer_params
         self._values: dict[str, Tensor] = {}
+        self._probe: dict[str, Tensor] | None = None
         self._handles: list = []
         self._hooked: dict[str, nn.Module] = {}
 
@@ -282,7 +284,9 @@ class GateSet(nn.Module):
 
     def refresh(self) -> None:
         """Draw this forward's gates (training, not frozen) or take the deterministic ones."""
-        if self.training and not bool(self.frozen):
+        if self._probe is not None:
+            self._values = self._probe
+        elif self.training and not bool(self.frozen):
             self._values = self._sample()
         else:
             self._values = self.deterministic()
@@ -359,6 +363,43 @@ class GateSet(nn.Module):
         if not self._values:
             self.refresh()
         return self._values
+
+    @contextlib.contextmanager
+    def probe(self) -> Iterator[dict[str, Tensor]]:
+        """Inside the block every gate is 1 (the dense model) and a leaf tensor that requires grad:
+        ``torch.autograd.grad(loss, list(values.values()))`` gives ``∂loss/∂z`` per unit at z = 1."""
+        device = self._device()
+        self._probe = {
+            kind: torch.ones(gate.log_alpha.shape, device=device, requires_grad=True)
+            for kind, gate in self.gates.items()
+        }
+        try:
+            yield self._probe
+        finally:
+            self._probe, self._values = None, {}
+
+    @torch.no_grad()
+    def rank_init_(self, scores: dict[str, Tensor], spread: float) -> None:
+        """Order each kind's ``log_alpha`` by ``scores`` (larger = more important): the least important
+        unit keeps its current value, the most important gets ``+ spread``, evenly by rank in between
+        (ties by index). Under the size penalty every gate moves at about the same Adam rate, so the
+        least important units close first unless the task loss holds them open.
+
+        Raises:
+            ValueError: a kind that is not gated, or scores of the wrong shape.
+        """
+        for kind, score in scores.items():
+            if kind not in self.gates:
+                raise ValueError(f"no {kind!r} gates here; gated kinds: {list(self.gates)}")
+            log_alpha = self.gates[kind].log_alpha
+            if score.shape != log_alpha.shape:
+                raise ValueError(f"{kind}: {tuple(score.shape)} scores for {tuple(log_alpha.shape)} gates")
+            n = log_alpha.numel()
+            ranks = torch.empty(n, device=log_alpha.device)
+            ranks[torch.sort(score.to(log_alpha.device), stable=True).indices] = torch.arange(
+                n, dtype=ranks.dtype, device=ranks.device
+            )
+            log_alpha.add_(spread * ranks / max(1, n - 1))
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The ``log_alpha`` of every kind."""

@@ -76,6 +76,9 @@ def tiny_module(kind: str = "llama", seed: int = 0) -> CausalLMModule:
             r"compress.structured.architecture: unknown keys \['bogus'\]",
         ),
         ({"architecture": 3}, r"compress.structured.architecture: expected null, a layout name or a mapping"),
+        ({"init": "magnitude"}, r"compress.structured.init: must be one of \['uniform', 'taylor'\]"),
+        ({"calibration_batches": 0}, r"compress.structured.calibration_batches: must be an integer >= 1"),
+        ({"init_spread": 0.0}, r"compress.structured.init_spread: must be > 0"),
     ],
 )
 def test_misconfiguration_names_the_key(kwargs, match):
@@ -305,6 +308,132 @@ def test_crash_and_resume_matches_straight_run(tmp_path):
     assert cb_straight.state["phase"] == "fixed" or cb_straight.state["steps"] == 6
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert cb_resumed.state_dict() == cb_straight.state_dict()
+
+
+# --------------------------------------------------------------------------- init="taylor"
+
+
+class NeuronInputs(Callback):
+    """At train start, before the gates are ranked: ``Σ_batches Σ_tokens h·∂loss/∂h`` per FFN neuron,
+    ``h`` = the input of each ``down_proj`` with every gate at 1 (the reference for the Taylor scores)."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches, self.total = batches, None
+
+    def on_train_start(self, trainer, pl_module):
+        model = pl_module.model
+        gates = model.lightcook_gates
+        seen = []
+        hooks = [
+            layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0]) or None)
+            for layer in model.model.layers
+        ]
+        total = 0
+        with gates.probe():  # gates at 1, so h is the dense model's activation
+            pl_module.eval()
+            for batch in self.batches:
+                seen.clear()
+                loss, _ = pl_module.compute_loss(batch)
+                grads = torch.autograd.grad(loss, seen)
+                total = total + torch.cat([(h * g).sum((0, 1)) for h, g in zip(seen, grads)]).double()
+            pl_module.train()
+        for hook in hooks:
+            hook.remove()
+        self.total = total
+
+
+def test_taylor_init_ranks_gates_by_first_order_importance(tmp_path):
+    loader = token_loader(3)
+    reference = NeuronInputs(list(loader)[:2])
+    cb = StructuredPruningCallback(init="taylor", calibration_batches=2, init_spread=4.0, export_dir=None)
+    module = tiny_module()
+    make_trainer(tmp_path, [reference, cb], max_steps=1, limit_train_batches=1).fit(module, loader)
+    assert cb.state["initialized"] is True
+    # the ranking took the reference's order: ranks of |Σ h·∂L/∂h| ...
+    scores = reference.total.abs()
+    ranks = torch.empty_like(scores)
+    ranks[torch.sort(scores, stable=True).indices] = torch.arange(len(scores), dtype=scores.dtype)
+    start = initial_log_alpha()
+    expected = start + 4.0 * ranks / (len(scores) - 1)
+    # ... then one gate step of Adam (lr 0.5) moved each logit by at most ~0.5
+    log_alpha = module.model.lightcook_gates.gates["neurons"].log_alpha.detach().double()
+    assert (log_alpha - expected).abs().max() < 0.51
+    assert torch.corrcoef(torch.stack([log_alpha, expected]))[0, 1] > 0.95
+
+
+def test_taylor_init_keeps_the_dense_model_and_every_kind_spread(tmp_path):
+    cb = StructuredPruningCallback(init="taylor", calibration_batches=2, gate_lr=None, export_dir=None)
+    module = tiny_module()
+
+    class Check(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            gates = pl_module.model.lightcook_gates
+            assert all(bool((v == 1).all()) for v in gates.deterministic().values())  # still dense
+            for kind, gate in gates.gates.items():  # ranked: from the initial logit to + init_spread
+                span = gate.log_alpha.detach()
+                assert span.min() == pytest.approx(initial_log_alpha()), kind
+                assert span.max() == pytest.approx(initial_log_alpha() + 4.0), kind
+            raise RuntimeError("checked")  # before the first optimizer step
+
+    with pytest.raises(RuntimeError, match="checked"):
+        make_trainer(tmp_path, [cb, Check()], max_steps=1).fit(module, token_loader(2))
+
+
+def test_taylor_init_prunes_dead_neurons_first(tmp_path):
+    """Half of each FFN's neurons write nothing (zero down_proj columns): their gates have no task
+    gradient, so the Taylor ranking closes them first; a uniform start closes a random mix."""
+
+    def run(init: str) -> float:
+        module = tiny_module()
+        dead = []
+        with torch.no_grad():
+            for layer in module.model.model.layers:
+                cols = torch.randperm(
+                    layer.mlp.down_proj.in_features, generator=torch.Generator().manual_seed(1)
+                )
+                half = cols[: len(cols) // 2]
+                layer.mlp.down_proj.weight[:, half] = 0
+                dead.append(half)
+        cb = StructuredPruningCallback(
+            target_sparsity=0.2,
+            units=["neurons"],
+            end_step=6,
+            gate_lr=0.5,
+            init=init,
+            calibration_batches=2,
+            export_dir=None,
+        )
+        make_trainer(tmp_path / init, [cb], max_steps=30).fit(module, token_loader(4))
+        assert cb.state["phase"] == "fixed", init  # the target was met
+        closed = cb.gates.deterministic()["neurons"] == 0
+        width = module.model.config.intermediate_size
+        dead_mask = torch.zeros_like(closed)
+        for i, half in enumerate(dead):
+            dead_mask[i * width + half] = True
+        return float((closed & dead_mask).sum() / closed.sum())
+
+    assert run("taylor") == 1.0  # every closed neuron was a dead one (measured: 41 of 41)
+    assert run("uniform") < 0.75  # measured: 23 of 47
+
+
+def test_taylor_init_runs_once_not_again_on_resume(tmp_path):
+    def fit(root: Path, crash_at: int | None = None, ckpt_path: Path | None = None):
+        module = tiny_module()
+        cb = StructuredPruningCallback(init="taylor", calibration_batches=2, export_dir=None)
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True)
+        extra = [CrashAt(crash_at)] if crash_at is not None else []
+        trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=4, enable_checkpointing=True)
+        trainer.fit(module, token_loader(2), ckpt_path=ckpt_path)
+        return module
+
+    straight = fit(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "b", crash_at=2)
+    last = tmp_path / "b" / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["callbacks"]["StructuredPruningCallback"]["initialized"] is True
+    resumed = fit(tmp_path / "b", ckpt_path=last)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # ranked once, at step 0 only
 
 
 class DumpPerRank(Callback):
