@@ -32,7 +32,8 @@ Xia et al. 2022):
   step (their Adam moments are buffers of the model). With ``gate_lr=None`` they stay with the
   module's optimizer instead.
 * Once the schedule has ended and both the expected sparsity and the deterministic gates' sparsity
-  reach the target (within ``tolerance``), the gates are frozen (deterministic in training too, ``compress/phase`` = 1) and the model keeps
+  lie within ``tolerance`` of the target (above or below: a Lagrangian that overshoots keeps
+  searching until it comes back), the gates are frozen (deterministic in training too, ``compress/phase`` = 1) and the model keeps
   training with its structure fixed; the penalty is no longer added.
 * ``on_train_end`` (rank 0): the deterministic gates are folded into the weights of a copy of the
   model, which is sliced and saved to ``<default_root_dir>/<export_dir>``
@@ -136,8 +137,8 @@ class StructuredPruningCallback(CompressionCallback):
         calibration_batches: training batches for ``init="taylor"``.
         init_spread: ``init="taylor"``: logit added to the most important unit of each kind (> 0).
         beta, limit_l, limit_r: hard-concrete temperature and stretch interval (γ, ζ).
-        tolerance: the target counts as met when the deterministic sparsity is at least
-            ``target_sparsity − tolerance``.
+        tolerance: the target counts as met when the expected and the deterministic sparsity both
+            lie within ``tolerance`` of ``target_sparsity``.
         freeze_on_target: once the target is met after ``end_step``, fix the gates (deterministic)
             and keep training the weights; ``False``: keep learning the gates until the end.
         export_dir: folder under the trainer's ``default_root_dir`` for the sliced model
@@ -180,7 +181,7 @@ class StructuredPruningCallback(CompressionCallback):
         beta: float = BETA,
         limit_l: float = LIMIT_L,
         limit_r: float = LIMIT_R,
-        tolerance: float = 0.005,
+        tolerance: float = 0.01,
         freeze_on_target: bool = True,
         export_dir: str | None = "sliced",
         architecture: str | Mapping[str, Any] | None = None,
@@ -463,13 +464,15 @@ class StructuredPruningCallback(CompressionCallback):
 
     def target_met(self) -> bool:
         """Whether the schedule has ended and both the expected sparsity (the Lagrangian has
-        converged) and the deterministic gates' sparsity reach ``target_sparsity − tolerance``."""
+        converged) and the deterministic gates' sparsity lie within ``tolerance`` of the target."""
         if self.state["steps"] < (self.schedule.end_step or 0):
             return False
-        floor = self.target_sparsity - self.tolerance
         with torch.no_grad():
             expected = float(self.expected_sparsity())
-        return expected >= floor and self.deterministic_sparsity() >= floor
+        return self._on_target(expected) and self._on_target(self.deterministic_sparsity())
+
+    def _on_target(self, sparsity: float) -> bool:
+        return abs(sparsity - self.target_sparsity) <= self.tolerance + 1e-12
 
     def freeze(self) -> None:
         """Fix the gates at their deterministic values for the rest of training."""
@@ -499,7 +502,7 @@ class StructuredPruningCallback(CompressionCallback):
         info.update(
             target_sparsity=self.target_sparsity,
             sparsity=round(self.deterministic_sparsity(), 6),
-            target_met=self.deterministic_sparsity() >= self.target_sparsity - self.tolerance,
+            target_met=self._on_target(self.deterministic_sparsity()),
             frozen_at_step=self.state["frozen_at"],
             steps=self.state["steps"],
         )
