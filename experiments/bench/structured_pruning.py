@@ -13,7 +13,7 @@ Measures, in one process:
 
 It rewrites the ``## Structured pruning`` section of docs/benchmarks.md (other sections are kept).
 
-    .venv/bin/python experiments/bench/structured_pruning.py                 # minutes on 2 idle CPU threads
+    .venv/bin/python experiments/bench/structured_pruning.py --uniform-baseline   # about 20 min on 2 idle CPU threads
     .venv/bin/python experiments/bench/structured_pruning.py --steps 4 --warmup 2 --eval-batches 2 \
         --repeats 1 --no-kd --no-docs                                        # smoke run
 """
@@ -50,8 +50,8 @@ SECTION = "## Structured pruning"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, default=0.5, help="target sparsity of the layer parameters")
-    parser.add_argument("--steps", type=int, default=30, help="AdamW steps per run (search + fine-tune)")
-    parser.add_argument("--warmup", type=int, default=8, help="steps over which the target rises from 0")
+    parser.add_argument("--steps", type=int, default=120, help="AdamW steps per run (search + fine-tune)")
+    parser.add_argument("--warmup", type=int, default=50, help="steps over which the target rises from 0")
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of the weights")
     parser.add_argument("--gate-lr", type=float, default=0.5, help="Adam learning rate of the gates")
     parser.add_argument(
@@ -92,7 +92,9 @@ class SparsityTrace(L.Callback):
         self.rows.append((expected, float(metrics.get("compress/sparsity", float("nan")))))
 
 
-def prune_run(data: TextDataModule, args: argparse.Namespace, kd: str | None) -> dict[str, Any]:
+def prune_run(
+    data: TextDataModule, args: argparse.Namespace, kd: str | None, init: str | None = None
+) -> dict[str, Any]:
     """Fit with the pruning callback (and distillation from the teacher ``kd``: a path, or
     ``"student"``); return the callback, timer and export path."""
     module = CausalLMModule(name_or_path=MODEL, lr=args.lr, warmup_steps=3)
@@ -102,7 +104,7 @@ def prune_run(data: TextDataModule, args: argparse.Namespace, kd: str | None) ->
         gate_lr=args.gate_lr,
         lambda_lr=args.lambda_lr,
         droprate_init=args.droprate_init,
-        init=args.init,
+        init=init or args.init,
     )
     callbacks: list[L.Callback] = [cb]
     if kd:
@@ -270,13 +272,21 @@ def main(argv: list[str] | None = None) -> None:
         teacher = tempfile.mkdtemp(prefix="lightcook-bench-teacher-")
         tuned.save_pretrained(teacher)
         del tuned
-    results = {"pruned + fine-tuned (task loss)": describe(prune_run(data, args, kd=None), val, dense_layers)}
+    results = {
+        f"pruned + fine-tuned (task loss, {args.init} init)": describe(
+            prune_run(data, args, kd=None), val, dense_layers
+        )
+    }
+    if args.init == "taylor" and args.uniform_baseline:
+        results["pruned + fine-tuned (task loss, uniform init)"] = describe(
+            prune_run(data, args, kd=None, init="uniform"), val, dense_layers
+        )
     if args.no_kd:
         kd_note = "Distillation run: skipped (`--no-kd`)."
     elif not kd_available():
         kd_note = "Distillation run: pending (lightcook.callbacks.distillation is not available yet)."
     else:
-        results["pruned + fine-tuned (task + KD from dense)"] = describe(
+        results[f"pruned + fine-tuned (task + KD from dense, {args.init} init)"] = describe(
             prune_run(data, args, kd=teacher), val, dense_layers
         )
         source = (
