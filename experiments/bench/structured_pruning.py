@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Adam learning rate of the multipliers (large: short run)",
     )
     parser.add_argument("--droprate-init", type=float, default=0.05, help="initial gate drop rate")
+    parser.add_argument("--init", choices=["uniform", "taylor"], default="taylor", help="gate initialisation")
     parser.add_argument(
-        "--init", choices=["uniform", "taylor"], default="uniform", help="gate initialisation"
+        "--uniform-baseline", action="store_true", help="with --init taylor: one more run with uniform init"
     )
     parser.add_argument("--block-size", type=int, default=64, help="tokens per row (training and held-out)")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per batch")
