@@ -16,7 +16,7 @@ Measures, in one process:
 
 It rewrites the ``## MoEfication`` section of docs/benchmarks.md (other sections are kept).
 
-    .venv/bin/python experiments/bench/moefication.py                 # ~15 min on 2 busy CPU cores
+    .venv/bin/python experiments/bench/moefication.py                 # ~30 min on 2 idle CPU cores
     .venv/bin/python experiments/bench/moefication.py --relu-steps 1 --moe-steps 1 --eval-batches 1 \
         --repeats 1 --router-steps 5 --calibration-batches 1 --no-docs  # smoke run
 """
@@ -64,18 +64,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=32, help="experts per FFN (1536 / 32 = 48 neurons)")
     parser.add_argument(
-        "--relu-steps", type=int, default=24, help="dense ReLU fine-tuning steps before the split"
+        "--relu-steps", type=int, default=120, help="dense ReLU fine-tuning steps before the split"
     )
-    parser.add_argument("--moe-steps", type=int, default=8, help="routed fine-tuning steps after the split")
+    parser.add_argument("--moe-steps", type=int, default=40, help="routed fine-tuning steps after the split")
     parser.add_argument("--lr", type=float, default=3e-4, help="fine-tune peak learning rate")
     parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches (4 x 128 tokens)")
     parser.add_argument(
-        "--calibration-batches", type=int, default=8, help="batches captured for split + routers"
+        "--calibration-batches", type=int, default=16, help="batches captured for split + routers"
     )
-    parser.add_argument("--router-steps", type=int, default=100, help="Adam steps per MLP router")
+    parser.add_argument("--router-steps", type=int, default=200, help="Adam steps per MLP router")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
     parser.add_argument(
-        "--threads", type=int, default=1, help="threads for training, evaluation, model speed"
+        "--threads", type=int, default=2, help="threads for training, evaluation, model speed"
     )
     parser.add_argument(
         "--no-dense-reference",
