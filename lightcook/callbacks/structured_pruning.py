@@ -132,8 +132,10 @@ class StructuredPruningCallback(CompressionCallback):
             multipliers must grow to ~10³ before the constraint outweighs the task loss; with 1.0 a
             30-step SmolLM2 run did not reach its target (docs/benchmarks.md).
         droprate_init: initial drop rate of every gate (``log_alpha = log((1−d)/d)``).
-        init: ``"uniform"`` (every gate at ``droprate_init``) or ``"taylor"`` (gates ordered by
-            first-order importance on calibration batches at the start of training; see above).
+        init: ``"taylor"`` (gates ordered by first-order importance on calibration batches at the
+            start of training; see above; SmolLM2, 120 steps to 50%: held-out ppl 118.85 against
+            380.66 for ``"uniform"``, docs/benchmarks.md) or ``"uniform"`` (every gate at
+            ``droprate_init``; needs no ``compute_loss``).
         calibration_batches: training batches for ``init="taylor"``.
         init_spread: ``init="taylor"``: logit added to the most important unit of each kind (> 0).
         beta, limit_l, limit_r: hard-concrete temperature and stretch interval (γ, ζ).
@@ -175,7 +177,7 @@ class StructuredPruningCallback(CompressionCallback):
         gate_lr: float | None = 0.5,
         lambda_lr: float | None = 50.0,
         droprate_init: float = 0.05,
-        init: str = "uniform",
+        init: str = "taylor",
         calibration_batches: int = 8,
         init_spread: float = 4.0,
         beta: float = BETA,
