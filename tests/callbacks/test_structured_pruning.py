@@ -433,7 +433,9 @@ def test_taylor_init_runs_once_not_again_on_resume(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(tmp_path / "b", crash_at=2)
     last = tmp_path / "b" / "ckpt" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["callbacks"]["StructuredPruningCallback"]["initialized"] is True
+    assert (
+        torch.load(last, weights_only=True)["callbacks"]["StructuredPruningCallback"]["initialized"] is True
+    )
     resumed = fit(tmp_path / "b", ckpt_path=last)
     a, b = straight.state_dict(), resumed.state_dict()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # ranked once, at step 0 only
