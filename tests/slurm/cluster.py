@@ -226,10 +226,16 @@ class LocalSlurm:
         """Wait until ``job`` has finished; requeued jobs are started at once instead of after Slurm's
         fixed 2-minute requeue delay (their ``BeginTime`` is moved to now)."""
         deadline = time.monotonic() + timeout
-        while (info := self.job(job))["JobState"] not in FINISHED:
+        settled = 0
+        while True:
+            info = self.job(job)
+            # A job being requeued can show a terminal state for a moment (seen: FAILED/NonZeroExitCode
+            # while its killed step is cleaned up, then PENDING): it counts once seen twice, 2 s apart.
+            settled = settled + 1 if info["JobState"] in FINISHED else 0
+            if settled == 2:
+                return info
             if release_requeued and info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
                 self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job} still {info['JobState']} after {timeout} s\n{self.logs()}")
-            time.sleep(0.5)
-        return info
+            time.sleep(2.0 if settled else 0.5)
