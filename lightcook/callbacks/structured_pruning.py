@@ -350,9 +350,9 @@ class StructuredPruningCallback(CompressionCallback):
             self._gates.probe() as values,
         ):
             torch.manual_seed(0)  # the sampler's shuffle: the same batches on a rerun
+            kinds = list(values)
             for batch in itertools.islice(calibration_source(loader), self.calibration_batches):
                 loss, _ = pl_module.compute_loss(trainer.strategy.batch_to_device(batch))
-                kinds = list(values)
                 grads = torch.autograd.grad(loss, [values[k] for k in kinds], allow_unused=True)
                 for kind, grad in zip(kinds, grads):
                     if grad is not None:

@@ -181,3 +181,18 @@ def test_gloo_group_is_destroyed_at_exit(tmp_path, monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_compression_setup_registers_the_gloo_teardown(tmp_path, monkeypatch):
+    """The helper above is only useful if the callbacks' setup calls it (the ddp_spawn tests flake without)."""
+    from lightcook.callbacks import base
+    from tests.conftest import make_trainer, token_loader
+
+    calls = []
+    monkeypatch.setattr(base, "destroy_gloo_group_at_exit", lambda: calls.append(1))
+
+    class Noop(CompressionCallback):
+        pass
+
+    make_trainer(tmp_path, [Noop()], max_steps=1).fit(CausalLMModule(config=TINY_LLAMA), token_loader(1))
+    assert calls == [1]

@@ -363,6 +363,17 @@ def test_taylor_init_ranks_gates_by_first_order_importance(tmp_path):
     assert torch.corrcoef(torch.stack([log_alpha, expected]))[0, 1] > 0.95
 
 
+def test_rank_init_rejects_unknown_kinds_and_wrong_shapes(tmp_path):
+    cb = StructuredPruningCallback(init="uniform", export_dir=None)
+    module = tiny_module()
+    cb.prepare_model(None, module)
+    n = cb.gates.gates["neurons"].log_alpha.numel()
+    with pytest.raises(ValueError, match="no 'hidden' gates here"):
+        cb.gates.rank_init_({"hidden": torch.zeros(3)}, 4.0)
+    with pytest.raises(ValueError, match=rf"neurons: \(3,\) scores for \({n},\) gates"):
+        cb.gates.rank_init_({"neurons": torch.zeros(3)}, 4.0)
+
+
 def test_taylor_init_keeps_the_dense_model_and_every_kind_spread(tmp_path):
     cb = StructuredPruningCallback(init="taylor", calibration_batches=2, gate_lr=None, export_dir=None)
     module = tiny_module()
