@@ -419,7 +419,8 @@ def render(args, rows: list[dict], baseline: dict, speed: dict, info: dict, argv
         if quant
         else "- Q: not run.",
         f"- M = `moe`: {moe['num_experts']} experts per FFN, top {moe['top_k']} per token "
-        f"({moe['top_k'] / moe['num_experts']:.0%} of the FFN), split `{moe['split']}` at step {moe['split_step']}, "
+        f"({moe['top_k'] / moe['num_experts']:.0%} of the FFN), split `{moe['split']}` at step {moe['split_step']}"
+        f"{' (ReLU-fied: ReLU in place of SiLU from step 0, dense before the split)' if moe.get('relufy') else ''}, "
         f"router `{moe['router']}`; the reloaded model computes only the routed experts."
         if moe
         else "- M: not run.",

@@ -192,6 +192,13 @@ class AdamMoments(nn.Module):
         denom = (self.exp_avg_sq / (1 - betas[1] ** t)).sqrt_().add_(eps)
         param.sub_((lr / (1 - betas[0] ** t)) * self.exp_avg / denom)
 
+    @torch.no_grad()
+    def reset_(self) -> None:
+        """Forget the moments: the next step starts like the first one."""
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
+        self.steps.zero_()
+
 
 # --------------------------------------------------------------------------- model-wide gates
 
@@ -417,6 +424,14 @@ class GateSet(nn.Module):
         self.moments["lambda_1"].step_(self.lambda_1, lambda_lr)
         self.moments["lambda_2"].step_(self.lambda_2, lambda_lr)
         self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def restart_lambda_1_(self) -> None:
+        """Set ``lambda_1`` to 0 and forget the Adam moments of it and of the gate logits (a dual
+        restart; the gates' momentum would otherwise carry them on past the target)."""
+        self.lambda_1.zero_()
+        for name in ("lambda_1", *self.gates):
+            self.moments[name].reset_()
 
     # ---------------------------------------------------------------- sizes
 

@@ -246,6 +246,41 @@ def test_target_warms_up_linearly():
     assert [cb.target_at(s) for s in (0, 10, 15, 20, 99)] == [0.0, 0.0, pytest.approx(0.3), 0.6, 0.6]
 
 
+def _overshot(dual_restart: bool, closed: bool) -> StructuredPruningCallback:
+    """A callback after its schedule with lambda_1 wound up negative (pushing sparsity up); the gates
+    all closed (expected sparsity ~1, above the 0.4 target) or all open (~0, below it)."""
+    module = tiny_module()
+    cb = StructuredPruningCallback(target_sparsity=0.4, end_step=4, dual_restart=dual_restart, tolerance=0.0)
+    cb.prepare_model(None, module)
+    with torch.no_grad():
+        for gate in cb.gates.gates.values():
+            gate.log_alpha.fill_(-20.0 if closed else 20.0)
+        cb.gates.lambda_1.fill_(-500.0)
+    for moments in cb.gates.moments.values():
+        moments.exp_avg.fill_(3.0)
+        moments.steps.fill_(7)
+    cb.state["steps"] = 4
+    return cb
+
+
+def test_dual_restart_zeroes_lambda_1_when_it_pushes_away_from_the_target():
+    cb = _overshot(dual_restart=True, closed=True)
+    cb.after_optimizer_step(None, None)
+    assert float(cb.gates.lambda_1) == 0.0 and cb.state["dual_restarts"] == 1
+    # the moments of lambda_1 and of every gate kind start afresh; lambda_2 keeps its own
+    for name, moments in cb.gates.moments.items():
+        fresh = name != "lambda_2"
+        assert bool(moments.exp_avg.abs().max() == 0) is fresh and (int(moments.steps) == 0) is fresh, name
+    # below the target a negative lambda_1 pushes the right way: kept
+    below = _overshot(dual_restart=True, closed=False)
+    below.after_optimizer_step(None, None)
+    assert float(below.gates.lambda_1) == -500.0 and below.state["dual_restarts"] == 0
+    # switched off: kept as well
+    off = _overshot(dual_restart=False, closed=True)
+    off.after_optimizer_step(None, None)
+    assert float(off.gates.lambda_1) == -500.0 and off.state["dual_restarts"] == 0
+
+
 class Trace(Callback):
     def __init__(self) -> None:
         self.rows = []
