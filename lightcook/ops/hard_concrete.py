@@ -427,11 +427,13 @@ class GateSet(nn.Module):
 
     @torch.no_grad()
     def restart_lambda_1_(self) -> None:
-        """Set ``lambda_1`` to 0 and forget the Adam moments of it and of the gate logits (a dual
-        restart; the gates' momentum would otherwise carry them on past the target)."""
+        """A dual restart: ``lambda_1`` to 0 with its Adam moments forgotten, and the gate logits'
+        momentum (first moment) dropped, so it cannot carry them on past the target; their second
+        moment stays, so the next gate steps are small rather than a full ``lr`` each."""
         self.lambda_1.zero_()
-        for name in ("lambda_1", *self.gates):
-            self.moments[name].reset_()
+        self.moments["lambda_1"].reset_()
+        for kind in self.gates:
+            self.moments[kind].exp_avg.zero_()
 
     # ---------------------------------------------------------------- sizes
 

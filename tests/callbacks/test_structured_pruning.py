@@ -267,10 +267,13 @@ def test_dual_restart_zeroes_lambda_1_when_it_pushes_away_from_the_target():
     cb = _overshot(dual_restart=True, closed=True)
     cb.after_optimizer_step(None, None)
     assert float(cb.gates.lambda_1) == 0.0 and cb.state["dual_restarts"] == 1
-    # the moments of lambda_1 and of every gate kind start afresh; lambda_2 keeps its own
-    for name, moments in cb.gates.moments.items():
-        fresh = name != "lambda_2"
-        assert bool(moments.exp_avg.abs().max() == 0) is fresh and (int(moments.steps) == 0) is fresh, name
+    # lambda_1's moments start afresh; the gates lose their momentum but keep their step count and
+    # second moment; lambda_2 keeps everything
+    moments = cb.gates.moments
+    assert float(moments["lambda_1"].exp_avg) == 0.0 and int(moments["lambda_1"].steps) == 0
+    for kind in cb.gates.gates:
+        assert moments[kind].exp_avg.abs().max() == 0 and int(moments[kind].steps) == 7, kind
+    assert float(moments["lambda_2"].exp_avg) == 3.0 and int(moments["lambda_2"].steps) == 7
     # below the target a negative lambda_1 pushes the right way: kept
     below = _overshot(dual_restart=True, closed=False)
     below.after_optimizer_step(None, None)
@@ -293,9 +296,17 @@ class Trace(Callback):
 def test_reaches_the_target_freezes_and_exports(tmp_path):
     module = tiny_module()
     # tolerance 0.05: in this tiny model one FFN block is a third of the layer parameters, so the
-    # deterministic sparsity moves in large steps
+    # deterministic sparsity moves in large steps. Without dual restarts: with them the expected
+    # sparsity settles at 0.40 here while the deterministic one sits a block away at 0.50 (their
+    # rule is tested on its own above; SmolLM2 runs in docs/benchmarks.md)
     cb = StructuredPruningCallback(
-        target_sparsity=0.4, end_step=6, gate_lr=0.5, lambda_lr=1.0, droprate_init=0.1, tolerance=0.05
+        target_sparsity=0.4,
+        end_step=6,
+        gate_lr=0.5,
+        lambda_lr=1.0,
+        droprate_init=0.1,
+        tolerance=0.05,
+        dual_restart=False,
     )
     trace = Trace()
     make_trainer(tmp_path, [cb, trace], max_steps=20).fit(module, token_loader(8))
