@@ -34,7 +34,8 @@ Xia et al. 2022):
 * Dual restart (``dual_restart``, after Gallego-Posada et al. 2022): ``λ1`` integrates the gap, so
   while the gates lag behind the rising target it grows large, and when they catch up it keeps
   pushing past the target for as many steps as it took to grow (SmolLM2, 40 steps to 50%: 0.91
-  reached and held). Whenever ``λ1`` pushes away from the target (``λ1·(ŝ − t) < 0``) it is set to
+  reached and held; 120 steps: up to 0.79 with Taylor init, 0.83 with uniform init; with the
+  restart neither passes 0.5, docs/benchmarks.md). Whenever ``λ1`` pushes away from the target (``λ1·(ŝ − t) < 0``) it is set to
   0 with its Adam moments; the quadratic term ``λ2`` then pulls ``ŝ`` back and ``λ1`` grows again
   from 0 in the right direction.
 * Once the schedule has ended and both the expected sparsity and the deterministic gates' sparsity
@@ -139,9 +140,10 @@ class StructuredPruningCallback(CompressionCallback):
             30-step SmolLM2 run did not reach its target (docs/benchmarks.md).
         droprate_init: initial drop rate of every gate (``log_alpha = log((1−d)/d)``).
         init: ``"taylor"`` (gates ordered by first-order importance on calibration batches at the
-            start of training; see above; SmolLM2, 120 steps to 50%: held-out ppl 118.85 against
-            380.66 for ``"uniform"``, docs/benchmarks.md) or ``"uniform"`` (every gate at
-            ``droprate_init``; needs no ``compute_loss``).
+            start of training; see above) or ``"uniform"`` (every gate at ``droprate_init``; needs
+            no ``compute_loss``). SmolLM2, 120 steps to 50%, one run each (docs/benchmarks.md):
+            before dual restarts, taylor 118.85 held-out ppl against 380.66 for uniform (which
+            overshot to 0.83 and never came back within tolerance); with them, 121.63 against 114.83.
         calibration_batches: training batches for ``init="taylor"``.
         init_spread: ``init="taylor"``: logit added to the most important unit of each kind (> 0).
         beta, limit_l, limit_r: hard-concrete temperature and stretch interval (γ, ζ).
