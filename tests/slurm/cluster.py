@@ -37,6 +37,9 @@ FINISHED = {
     "DEADLINE",
 }
 
+#: Seconds between seeing a job requeued and releasing it (see :meth:`LocalSlurm.release`).
+RESTART_DELAY_S = 2
+
 SLURM_CONF = """\
 ClusterName=lightcook
 SlurmctldHost=localhost(127.0.0.1)
@@ -222,11 +225,23 @@ class LocalSlurm:
         out = self.run("scontrol", "show", "job", "-o", job).stdout.strip()
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
+    def release(self, job: str) -> None:
+        """Start a requeued job now instead of after Slurm's 2-minute requeue delay, but not within
+        ``RESTART_DELAY_S`` of its requeue: slurmd revokes the credential of the killed run with a
+        time stamp in whole seconds and refuses any credential of that job issued up to that second,
+        so a restart allocated in the same second ends FAILED ("Killing non-startable batch JobId=N:
+        Job credential revoked" in slurmctld.log; 2 preemption runs in 10 when released at once).
+        ``StartTime=now+N`` would wait for the next periodic scheduling pass (up to a minute) instead.
+        """
+        time.sleep(RESTART_DELAY_S)
+        self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+
     def wait(self, job: str, timeout: float = 300, release_requeued: bool = True) -> dict[str, str]:
-        """Wait until ``job`` has finished; requeued jobs are started at once instead of after Slurm's
-        fixed 2-minute requeue delay (their ``BeginTime`` is moved to now)."""
+        """Wait until ``job`` has finished; requeued jobs start a few seconds after their requeue
+        instead of after Slurm's fixed 2-minute delay (:meth:`release`)."""
         deadline = time.monotonic() + timeout
         settled = 0
+        released: set[str | None] = set()
         while True:
             info = self.job(job)
             # A job being requeued can show a terminal state for a moment (seen: FAILED/NonZeroExitCode
@@ -234,8 +249,10 @@ class LocalSlurm:
             settled = settled + 1 if info["JobState"] in FINISHED else 0
             if settled == 2:
                 return info
-            if release_requeued and info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-                self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            requeued = info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime"
+            if release_requeued and requeued and info.get("Restarts") not in released:
+                released.add(info.get("Restarts"))  # once: each call would push the start back again
+                self.release(job)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job} still {info['JobState']} after {timeout} s\n{self.logs()}")
             time.sleep(2.0 if settled else 0.5)
