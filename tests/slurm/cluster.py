@@ -227,9 +227,9 @@ class LocalSlurm:
 
     def release(self, job: str) -> None:
         """Start a requeued job now instead of after Slurm's 2-minute requeue delay, but not within
-        ``RESTART_DELAY_S`` of its requeue: slurmd revokes the credential of the killed run with a
-        time stamp in whole seconds and refuses any credential of that job issued up to that second,
-        so a restart allocated in the same second ends FAILED ("Killing non-startable batch JobId=N:
+        ``RESTART_DELAY_S`` of its requeue: a restart allocated in the same second as the kill ends
+        FAILED, apparently because the killed run's credential is revoked with a whole-second time
+        stamp and the new one counts as revoked too ("Killing non-startable batch JobId=N:
         Job credential revoked" in slurmctld.log; 2 preemption runs in 10 when released at once).
         ``StartTime=now+N`` would wait for the next periodic scheduling pass (up to a minute) instead.
         """
