@@ -35,9 +35,10 @@ Xia et al. 2022):
   while the gates lag behind the rising target it grows large, and when they catch up it keeps
   pushing past the target for as many steps as it took to grow (SmolLM2, 40 steps to 50%: 0.91
   reached and held; 120 steps: up to 0.79 with Taylor init, 0.83 with uniform init; with the
-  restart neither passes 0.5, docs/benchmarks.md). Whenever ``λ1`` pushes away from the target (``λ1·(ŝ − t) < 0``) it is set to
-  0 with its Adam moments; the quadratic term ``λ2`` then pulls ``ŝ`` back and ``λ1`` grows again
-  from 0 in the right direction.
+  restart no run went above 0.51, docs/benchmarks.md). Whenever ``λ1`` pushes away from the
+  target (``λ1·(ŝ − t) < 0``) it is set to 0 with its Adam moments, and the gates' Adam momentum
+  is dropped (their second moment stays, so they do not jump a full ``gate_lr``); the quadratic
+  term ``λ2`` then pulls ``ŝ`` back and ``λ1`` grows again from 0 in the right direction.
 * Once the schedule has ended and both the expected sparsity and the deterministic gates' sparsity
   lie within ``tolerance`` of the target (above or below: a Lagrangian that overshoots keeps
   searching until it comes back), the gates are frozen (deterministic in training too, ``compress/phase`` = 1) and the model keeps
@@ -147,8 +148,8 @@ class StructuredPruningCallback(CompressionCallback):
         calibration_batches: training batches for ``init="taylor"``.
         init_spread: ``init="taylor"``: logit added to the most important unit of each kind (> 0).
         beta, limit_l, limit_r: hard-concrete temperature and stretch interval (γ, ζ).
-        dual_restart: reset ``λ1`` (and its Adam moments) whenever it pushes away from the target
-            (see above); only when this callback steps the multipliers (``gate_lr`` set).
+        dual_restart: reset ``λ1`` (with its Adam moments) and the gates' momentum whenever ``λ1``
+            pushes away from the target (see above); only when this callback steps the multipliers (``gate_lr`` set).
         tolerance: the target counts as met when the expected and the deterministic sparsity both
             lie within ``tolerance`` of ``target_sparsity``.
         freeze_on_target: once the target is met after ``end_step``, fix the gates (deterministic)
@@ -476,10 +477,11 @@ class StructuredPruningCallback(CompressionCallback):
 
     @override
     def after_optimizer_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.gate_lr is not None and self.state["phase"] == SEARCH:
+        stepping = self.gate_lr is not None and self.state["phase"] == SEARCH
+        if stepping:
             self._gates.step_(self.gate_lr, self.lambda_lr)
         self.state["steps"] += 1
-        if self.dual_restart and self.gate_lr is not None and self.state["phase"] == SEARCH:
+        if stepping and self.dual_restart:
             self._restart_if_pushing_away()
         if self.state["phase"] == SEARCH and self.freeze_on_target and self.target_met():
             self.freeze()
@@ -489,7 +491,7 @@ class StructuredPruningCallback(CompressionCallback):
             gap = float(self.expected_sparsity()) - self.target_at(self.state["steps"])
         if float(self._gates.lambda_1.detach()) * gap < 0:
             self._gates.restart_lambda_1_()
-            self.state["dual_restarts"] = self.state.get("dual_restarts", 0) + 1
+            self.state["dual_restarts"] += 1
 
     def target_met(self) -> bool:
         """Whether the schedule has ended and both the expected sparsity (the Lagrangian has

@@ -240,19 +240,13 @@ class LocalSlurm:
         """Wait until ``job`` has finished; requeued jobs start a few seconds after their requeue
         instead of after Slurm's fixed 2-minute delay (:meth:`release`)."""
         deadline = time.monotonic() + timeout
-        settled = 0
         released: set[str | None] = set()
-        while True:
-            info = self.job(job)
-            # A job being requeued can show a terminal state for a moment (seen: FAILED/NonZeroExitCode
-            # while its killed step is cleaned up, then PENDING): it counts once seen twice, 2 s apart.
-            settled = settled + 1 if info["JobState"] in FINISHED else 0
-            if settled == 2:
-                return info
+        while (info := self.job(job))["JobState"] not in FINISHED:
             requeued = info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime"
             if release_requeued and requeued and info.get("Restarts") not in released:
                 released.add(info.get("Restarts"))  # once: each call would push the start back again
                 self.release(job)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job} still {info['JobState']} after {timeout} s\n{self.logs()}")
-            time.sleep(2.0 if settled else 0.5)
+            time.sleep(0.5)
+        return info

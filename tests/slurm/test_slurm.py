@@ -54,7 +54,8 @@ def log(tmp: Path, job: str) -> str:
 def finished(slurm, tmp: Path, job: str, state: str = "COMPLETED") -> dict[str, str]:
     info = slurm.wait(job, timeout=600)
     assert info["JobState"] == state, (
-        f"job {job}: {info['JobState']} {info.get('Reason')}\n{log(tmp, job)[-4000:]}"
+        f"job {job}: {info['JobState']} {info.get('Reason')} Restarts={info.get('Restarts')}\n"
+        f"{log(tmp, job)[-4000:]}\n{slurm.logs()}"
     )
     return info
 
@@ -98,11 +99,7 @@ def test_preempted_job_requeues_resumes_and_matches_the_straight_run(slurm, stra
     job = submit(slurm, tmp_path, *JOB)
     run = tmp_path / "out" / "runs" / f"slurm-{job}"
     _signal_when_checkpointed(slurm, run, job)
-    info = slurm.wait(job, timeout=600)
-    assert info["JobState"] == "COMPLETED", (
-        f"job {job}: {info['JobState']} {info.get('Reason')} Restarts={info.get('Restarts')}\n"
-        f"{log(tmp_path, job)[-4000:]}\n{slurm.logs()}"
-    )
+    info = finished(slurm, tmp_path, job)
     text = log(tmp_path, job)
     assert info["Restarts"] == "1", text[-4000:]
     stopped = int(re.search(r"\[lightcook\] signalled: checkpoint at step (\d+)", text).group(1))
