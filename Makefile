@@ -35,8 +35,8 @@ slurm-install:  ## apt-get Slurm 22.05 + munge for the slurm tests (root; skippe
 test-slurm: install  ## tests on a real single-node Slurm cluster started by the test fixture (root)
 	$(BIN)/python -m pytest -q -m slurm
 
-lint: install  ## ruff lint + format check
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+lint: install  ## ruff lint + format check + mypy
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 format: install  ## ruff autofix + format
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

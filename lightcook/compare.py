@@ -3,8 +3,9 @@
 Every run directory under the given folders (any folder holding a ``report.json`` written by
 :class:`~lightcook.callbacks.report.CompressionReport`, e.g. ``outputs/multiruns/<id>/<n>/``) becomes
 one row of ``OUT/compare.md`` (run, techniques, perplexity of the export, bytes on disk, ratio to
-the dense float32 model, speedup over dense bfloat16) and one point of ``compare_ppl_vs_bytes.png``
-and ``compare_ppl_vs_speed.png``. ``OUT`` defaults to the first ``DIR``. A run's ``summary.json``
+the dense float32 model, forward and batch-1 decode speedup over dense bfloat16) and one point of
+``compare_ppl_vs_bytes.png`` and ``compare_ppl_vs_speed.png``. The table and plots are drawn by
+:mod:`lightcook.render`. ``OUT`` defaults to the first ``DIR``. A run's ``summary.json``
 (written by the app) fills in what its report lacks.
 
 Example:
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightcook.io import atomic_path, write_text_atomic
+from lightcook.io import write_text_atomic
+from lightcook.render import num, save_figure, scatter_figure, table
 
 __all__ = ["Run", "find_runs", "load_run", "main", "write_comparison"]
 
@@ -53,6 +55,7 @@ class Run:
         bytes: bytes on disk of the export (else the estimate).
         ratio_vs_fp32: dense float32 parameter bytes / ``bytes``.
         speedup_vs_bf16, speedup_vs_fp32: forward speedup over the dense model.
+        decode_speedup_vs_bf16: batch-1 decode (tokens/s) speedup over the dense bfloat16 model.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Run:
     ratio_vs_fp32: float | None
     speedup_vs_bf16: float | None
     speedup_vs_fp32: float | None
+    decode_speedup_vs_bf16: float | None = None
 
 
 def find_runs(dirs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
@@ -122,65 +126,48 @@ def load_run(run_dir: str | Path, root: str | Path | None = None) -> Run:
         ratio_vs_fp32=round(dense / size, 3) if dense and size else None,
         speedup_vs_bf16=_get(report, "speed", "speedup_vs_bf16"),
         speedup_vs_fp32=_get(report, "speed", "speedup_vs_fp32"),
+        decode_speedup_vs_bf16=_get(report, "speed", "decode", "speedup_vs_bf16"),
     )
-
-
-def _fmt(value: float | None, fmt: str, suffix: str = "") -> str:
-    return "n/a" if value is None else fmt.format(value) + suffix
 
 
 def render_markdown(runs: Sequence[Run]) -> str:
     """``compare.md``: one table row per run."""
-    lines = [
-        "# Compressed runs compared",
-        "",
-        "| run | techniques | ppl (export) | size on disk | x smaller than fp32 | speedup vs bf16 |",
-        "|---|---|---:|---:|---:|---:|",
+    header = ["run", "techniques", "ppl (export)", "size on disk", "x smaller than fp32", "speedup vs bf16"]
+    rows = [
+        [
+            run.name,
+            run.techniques,
+            num(run.ppl) + ("" if run.ppl_source in (None, "export") else f" ({run.ppl_source})"),
+            num(run.bytes and run.bytes / 1e6, "{:.3f}", " MB"),
+            num(run.ratio_vs_fp32, suffix=" x"),
+            num(run.speedup_vs_bf16, suffix=" x"),
+            num(run.decode_speedup_vs_bf16, suffix=" x"),
+        ]
+        for run in runs
     ]
-    for run in runs:
-        ppl = _fmt(run.ppl, "{:.2f}") + ("" if run.ppl_source in (None, "export") else f" ({run.ppl_source})")
-        lines.append(
-            f"| {run.name} | {run.techniques} | {ppl} | {_fmt(run.bytes and run.bytes / 1e6, '{:.3f}', ' MB')} | "
-            f"{_fmt(run.ratio_vs_fp32, '{:.2f}', ' x')} | {_fmt(run.speedup_vs_bf16, '{:.2f}', ' x')} |"
-        )
+    lines = ["# Compressed runs compared", "", *table([*header, "decode vs bf16"], rows, "llrrrrr")]
     lines += ["", f"![perplexity vs size]({PPL_VS_BYTES})", f"![perplexity vs speed]({PPL_VS_SPEED})"]
     return "\n".join(lines) + "\n"
 
 
 def _scatter(runs: Sequence[Run], x_of: str, path: Path, *, log_x: bool, xlabel: str, title: str) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    scale = 1e6 if x_of == "bytes" else 1.0
     points = [
-        (getattr(r, x_of), r.ppl, f"{r.techniques} [{r.name.rsplit('/', 1)[-1]}]")
+        (getattr(r, x_of) / scale, r.ppl, f"{r.techniques} [{r.name.rsplit('/', 1)[-1]}]")
         for r in runs
         if getattr(r, x_of) and r.ppl is not None
     ]
-    fig = Figure(figsize=(8.0, 5.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    scale = 1e6 if x_of == "bytes" else 1.0
-    for x, y, label in points:
-        ax.scatter([x / scale], [y], s=40, color="tab:blue", zorder=3)
-        ax.annotate(label, (x / scale, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    if log_x and points:
-        from matplotlib.ticker import FuncFormatter
-
-        ax.set_xscale("log")
-        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            axis(FuncFormatter(lambda v, _: f"{v:g}"))
-    if x_of == "speedup_vs_bf16":
-        ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8, label="dense bf16")
-        ax.legend(loc="best")
     skipped = len(runs) - len(points)
     note = f" ({skipped} run{'s' * (skipped != 1)} without data left out)" if skipped else ""
-    ax.set(xlabel=xlabel, ylabel="perplexity (lower is better)", title=title + note)
-    ax.grid(alpha=0.3, which="both")
-    if not points:
-        ax.text(0.5, 0.5, "no run measured this", ha="center", va="center", transform=ax.transAxes)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
+    fig = scatter_figure(
+        points,
+        xlabel=xlabel,
+        ylabel="perplexity (lower is better)",
+        title=title + note,
+        log_x=log_x,
+        vline=(1.0, "dense bf16") if x_of == "speedup_vs_bf16" else None,
+    )
+    return save_figure(fig, path)
 
 
 def write_comparison(runs: Sequence[Run], out: str | Path) -> list[Path]:

@@ -1,7 +1,8 @@
 """Atomic file and folder writes, and on-disk sizes.
 
 Every checkpoint, export, summary and cache entry lightcook writes goes through these helpers, so a
-crash never leaves a half-written file where a finished one is expected.
+crash never leaves a half-written file where a finished one is expected; :func:`read_checkpoint`
+reads a checkpoint back and says which file is unreadable and why.
 
 Example:
     >>> import tempfile, pathlib
@@ -16,8 +17,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,3 +88,75 @@ def bytes_on_disk(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a torch checkpoint with ``weights_only=True`` (memory-mapped when it is a zip archive, as
+    ``torch.save`` writes by default), failing with the file and what is wrong with it.
+
+    Args:
+        path: a ``.ckpt`` / ``.pt`` file written by ``torch.save`` (Lightning checkpoints are).
+
+    Returns:
+        The checkpoint's top-level dict (tensors on the CPU).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: the file is empty, truncated or corrupt, holds objects that ``weights_only``
+            loading refuses, or does not hold a dict; the message starts with the path.
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = Path(tempfile.mkdtemp()) / "last.ckpt"
+        >>> torch.save({"global_step": 3, "state_dict": {"w": torch.ones(2)}}, path)
+        >>> read_checkpoint(path)["global_step"]
+        3
+        >>> _ = path.write_bytes(path.read_bytes()[:100])
+        >>> read_checkpoint(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../last.ckpt: truncated or corrupt (100 bytes): ...
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: the checkpoint file is empty (0 bytes); an interrupted copy or write?")
+    zipped = zipfile.is_zipfile(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: {_unpickling_problem(err, path, size)}") from err
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: {_damage(path, size)}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a {type(data).__name__}, not a checkpoint dict")
+    return data
+
+
+def _damage(path: Path, size: int) -> str:
+    """What is wrong with a file ``torch.load`` could not read."""
+    with path.open("rb") as handle:
+        head = handle.read(len(_ZIP_MAGIC))
+    if head == _ZIP_MAGIC:
+        why = "a zip archive (torch.save's format) whose end is missing or damaged"
+    else:
+        why = "neither a zip archive (torch.save's format) nor a readable legacy torch pickle"
+    return f"truncated or corrupt ({size} bytes): {why}; an interrupted copy or write? Use an intact copy"
+
+
+def _unpickling_problem(err: pickle.UnpicklingError, path: Path, size: int) -> str:
+    """A refused global names itself (``Unsupported global: GLOBAL x.Y``); anything else is damage."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if refused is None:
+        return _damage(path, size)
+    return (
+        f"holds an object that weights_only loading refuses ({refused.group(1)}); lightcook checkpoints hold "
+        "tensors and primitives only: keep callback state_dict() and hyperparameters to primitives"
+    )

@@ -15,13 +15,15 @@ from lightcook.callbacks.report import CompressionReport
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.compare import COMPARE_MD, PPL_VS_BYTES, PPL_VS_SPEED, find_runs, load_run, main
 from lightcook.modules import CausalLMModule
-from tests.conftest import REPO, TINY_LLAMA, make_trainer, token_loader
+from tests.helpers import REPO, TINY_LLAMA, make_trainer, token_loader
 
 
 def real_run(run_dir: Path) -> dict:
     """A run directory whose report.json the callback itself wrote (quant + 2:4, tiny Llama)."""
-    report = CompressionReport(speed_batch=(1, 8), speed_repeats=1, plots=False, eval_batches=1)
-    callbacks = [QuantizationCallback(export_dir=None), SparsityCallback(mode="nm"), report]
+    report = CompressionReport(
+        speed_batch=(1, 8), speed_repeats=1, plots=False, eval_batches=1, decode_tokens=2
+    )
+    callbacks = [QuantizationCallback(), SparsityCallback(mode="nm"), report]
     trainer = make_trainer(run_dir, callbacks, max_steps=2, limit_val_batches=1)
     trainer.fit(CausalLMModule(config=TINY_LLAMA, tokenizer=None), token_loader(2), token_loader(1, seed=1))
     return json.loads((run_dir / "report.json").read_text())
@@ -34,7 +36,11 @@ def fake_run(run_dir: Path, compress: list[str], ppl: float | None, size: int, s
         "techniques": [],
         "ppl": {"export": ppl, "val": 99.0},
         "bytes": {"measured": size, "estimated": size, "dense_fp32": 4_000_000},
-        "speed": {"speedup_vs_bf16": speedup, "speedup_vs_fp32": speedup and 2 * speedup},
+        "speed": {
+            "speedup_vs_bf16": speedup,
+            "speedup_vs_fp32": speedup and 2 * speedup,
+            "decode": {"speedup_vs_bf16": speedup and speedup / 2},
+        },
     }
     (run_dir / "report.json").write_text(json.dumps(report))
 
@@ -56,9 +62,9 @@ def test_table_rows_and_plots(sweep, capsys):
     rows = [line for line in lines if line.startswith("| 2025")]
     assert [row.split(" | ")[0] for row in rows] == [f"| 20250101-000000/{n}" for n in (0, 1, 2, 10)]
     assert rows[0].split(" | ")[1] == "prune+quant"  # canonical callback order
-    assert rows[1] == "| 20250101-000000/1 | moe | 99.00 (live) | 2.000 MB | 2.00 x | n/a |"
-    assert rows[2] == "| 20250101-000000/2 | quant+prune | 40.25 | 1.000 MB | 4.00 x | 1.80 x |"
-    assert rows[3] == "| 20250101-000000/10 | kd | 31.50 | 4.000 MB | 1.00 x | 1.00 x |"
+    assert rows[1] == "| 20250101-000000/1 | moe | 99.00 (live) | 2.000 MB | 2.00 x | n/a | n/a |"
+    assert rows[2] == "| 20250101-000000/2 | quant+prune | 40.25 | 1.000 MB | 4.00 x | 1.80 x | 0.90 x |"
+    assert rows[3] == "| 20250101-000000/10 | kd | 31.50 | 4.000 MB | 1.00 x | 1.00 x | 0.50 x |"
     for name in (PPL_VS_BYTES, PPL_VS_SPEED):
         path = sweep / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
@@ -72,6 +78,7 @@ def test_real_report_fields_are_read(sweep):
     assert run.ppl == report["ppl"]["export"] and run.ppl_source == "export"
     assert run.bytes == report["bytes"]["measured"] and run.ratio_vs_fp32 > 1
     assert run.speedup_vs_bf16 == report["speed"]["speedup_vs_bf16"] > 0
+    assert run.decode_speedup_vs_bf16 == report["speed"]["decode"]["speedup_vs_bf16"] > 0
 
 
 def test_several_dirs_and_out(tmp_path):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lightcook.app import build_callbacks, build_datamodule, build_module, train
 from lightcook.callbacks import QuantizationCallback, SparsityCallback, StructuredPruningCallback
 from lightcook.callbacks.base import compression_callbacks
-from lightcook.export.compressed import export_compressed, load_compressed, read_manifest
+from lightcook.export import load_compressed, read_manifest, save_compressed
 
 TECHNIQUES = ("moe", "structured", "prune", "quant", "kd")
 #: What each technique leaves in the combined export's manifest (distillation changes only weights).
@@ -73,7 +73,7 @@ def fit_live(compose, names: tuple[str, ...], tmp_path: Path, steps: int = 6):
 def test_combination_exports_one_model_that_computes_what_was_trained(compose, tmp_path, names):
     module, datamodule, callbacks = fit_live(compose, names, tmp_path)
     options = {k: v for cb in callbacks for k, v in cb.export_options().items()}
-    path = export_compressed(module.model, tmp_path / "compressed", **options)
+    path = save_compressed(module.model, tmp_path / "compressed", **options)
     manifest = read_manifest(path)
     assert manifest["techniques"] == [IN_MANIFEST[n] for n in TECHNIQUES if n in names and n in IN_MANIFEST]
     loaded = load_compressed(path)
@@ -96,7 +96,7 @@ def test_combination_exports_one_model_that_computes_what_was_trained(compose, t
         assert manifest["weight_bytes"] < 0.3 * manifest["fp32_weight_bytes"]
     if names == TECHNIQUES:  # shipped in bfloat16 (embeddings, norms, experts): still the same model
         half = load_compressed(
-            export_compressed(module.model, tmp_path / "bf16", dtype=torch.bfloat16, **options)
+            save_compressed(module.model, tmp_path / "bf16", dtype=torch.bfloat16, **options)
         )
         with torch.no_grad():
             logits = half(input_ids=ids).logits.float()
@@ -128,7 +128,7 @@ def test_four_way_combination_resumes_exactly(compose, tmp_path):
     every_step = "callbacks.model_checkpoint.every_n_train_steps=1"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(compose(*overrides(names, "trainer.max_steps=6", every_step, f"paths.run_dir={straight}")))
-    crash = ["+callbacks.crash._target_=tests.conftest.CrashAt", "+callbacks.crash.step=3"]
+    crash = ["+callbacks.crash._target_=tests.helpers.CrashAt", "+callbacks.crash.step=3"]
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(
             compose(*overrides(names, "trainer.max_steps=6", every_step, *crash, f"paths.run_dir={resumed}"))
@@ -165,7 +165,7 @@ def test_four_way_combination_resumes_exactly(compose, tmp_path):
 )
 def test_combinations_that_cannot_work_fail_in_setup_naming_both(tmp_path, callbacks, match):
     from lightcook.modules import CausalLMModule
-    from tests.conftest import TINY_LLAMA, random_batch
+    from tests.helpers import TINY_LLAMA, random_batch
 
     module = CausalLMModule(config=TINY_LLAMA, tokenizer=None)
     data = torch.utils.data.DataLoader([random_batch(batch=1, seed=i) for i in range(2)], batch_size=None)
@@ -210,7 +210,7 @@ def test_wanda_masks_are_the_same_with_fake_quant_installed_after_them(tmp_path)
     Wanda's input statistics must come from the layers that actually run (it once scored random
     masks: 49% agreement)."""
     from lightcook.modules import CausalLMModule
-    from tests.conftest import TINY_LLAMA, make_trainer, token_loader
+    from tests.helpers import TINY_LLAMA, make_trainer, token_loader
 
     def masks(callbacks):
         torch.manual_seed(0)

@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import itertools
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -41,11 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import BENCHMARKS_MD, cpu_name, interleaved, perplexity, write_section
+from _common import BENCHMARKS_MD
 from omegaconf import OmegaConf
 
 from lightcook.app import CONFIG_DIR, build_datamodule, build_module, compose_config, train
-from lightcook.io import bytes_on_disk, write_json_atomic
+from lightcook.io import write_json_atomic
+from lightcook.measure import bytes_on_disk, interleaved, machine, perplexity
+from lightcook.render import machine_line, table, write_section
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "## Composition"
@@ -146,11 +145,13 @@ def techniques(row: str, pruning: str) -> list[str]:
 def technique_overrides(names: list[str], args: argparse.Namespace) -> list[str]:
     """Settings of each technique in a row (the defaults of conf/compress/ otherwise). Rows with
     compression ship only the combined export: the per-technique exports, the MoE plot and the app's
-    ``<run_dir>/model`` copy of the live network are turned off (time and disk, not results)."""
+    ``<run_dir>/model`` copy of the live network are turned off (time and disk, not results); a
+    technique without an ``export_dir`` key in its conf/compress/ file has no export of its own."""
     out = [f"+compress=[{','.join(names)}]"] if names else []
     shipped = [n for n in names if n in EXPORTS]
     if shipped:
-        out += ["save_model=false", *(f"compress.{n}.export_dir=null" for n in shipped)]
+        own = [n for n in shipped if "export_dir" in OmegaConf.load(CONFIG_DIR / "compress" / f"{n}.yaml")]
+        out += ["save_model=false", *(f"compress.{n}.export_dir=null" for n in own)]
     if "structured" in names:
         end = max(1, round(0.6 * args.steps))
         out += [
@@ -221,7 +222,7 @@ def run_report(summary: dict[str, Any]) -> dict[str, Any]:
 
 def load_shipped(folder: Path, compressed: bool) -> torch.nn.Module:
     if compressed:
-        from lightcook.export.compressed import load_compressed
+        from lightcook.export import load_compressed
 
         return load_compressed(folder)
     from transformers import AutoModelForCausalLM
@@ -231,7 +232,7 @@ def load_shipped(folder: Path, compressed: bool) -> torch.nn.Module:
 
 def structure_kept(manifest: dict[str, Any]) -> dict[str, int] | None:
     """Attention / FFN blocks and their units (KV groups, neurons) kept by structured pruning."""
-    blocks = (manifest.get("structure") or {}).get("blocks")
+    blocks = (manifest.get("structured") or {}).get("blocks")
     if not blocks:
         return None
     out: dict[str, int] = {}
@@ -261,7 +262,7 @@ def run_row(row: str, args: argparse.Namespace, val: list[dict]) -> dict[str, An
     model = load_shipped(folder, compressed)
     manifest = {}
     if compressed:
-        from lightcook.export.compressed import read_manifest
+        from lightcook.export import read_manifest
 
         manifest = read_manifest(folder)
     return {
@@ -279,7 +280,7 @@ def run_row(row: str, args: argparse.Namespace, val: list[dict]) -> dict[str, An
         "fp32_weight_bytes": manifest.get("fp32_weight_bytes"),
         "structure": structure_kept(manifest),
         "structured_frozen_at": structured_state(summary).get("frozen_at", "n/a"),
-        "ppl": perplexity(model, val),
+        "ppl": perplexity(model, val).value,
         "train_steps": summary.get("train_steps"),
         "fit_seconds": summary.get("fit_seconds"),
         "train_tokens_per_second": summary.get("train_tokens_per_second"),
@@ -298,7 +299,7 @@ def bf16_baseline(dense: torch.nn.Module, out: Path, val: list[dict]) -> dict[st
         "folder": str(folder),
         "format": "HF save_pretrained, bf16 safetensors",
         "bytes": bytes_on_disk(folder),
-        "ppl": perplexity(model, val),
+        "ppl": perplexity(model, val).value,
         "model": model,
     }
 
@@ -318,26 +319,18 @@ def forward_speed(
 # --------------------------------------------------------------------------- report
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_5min": round(os.getloadavg()[1], 2),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def megabytes(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def table_row(r: dict[str, Any], dense: dict[str, Any], base_s: float) -> str:
-    return (
-        f"| {r['label']} | {r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.3f}x | "
-        f"{megabytes(r['bytes'])} ({r['bytes'] / dense['bytes']:.2f}x) | **{base_s / r['seconds']:.2f}x** |"
-    )
+def table_row(r: dict[str, Any], dense: dict[str, Any], base_s: float) -> list[str]:
+    return [
+        r["label"],
+        f"{r['ppl']:.2f}",
+        f"{r['ppl'] / dense['ppl']:.3f}x",
+        f"{megabytes(r['bytes'])} ({r['bytes'] / dense['bytes']:.2f}x)",
+        f"**{base_s / r['seconds']:.2f}x**",
+    ]
 
 
 def shipped_line(r: dict[str, Any]) -> str:
@@ -392,19 +385,16 @@ def render(args, rows: list[dict], baseline: dict, speed: dict, info: dict, argv
         SECTION,
         "",
         f"Command: `{shlex.join(['.venv/bin/python', 'experiments/bench/composition.py', *argv])}`",
-        f"Machine: {info['machine']['cpu']}, {info['machine']['cores']} cores, {info['machine']['torch_threads']} "
-        f"torch threads (5-min load average {info['machine']['load_average_5min']} at the end), no GPU; torch "
-        f"{info['machine']['torch']}, Python {info['machine']['python']}. Date: {info['date']}. "
-        f"Wall time: {info['wall_seconds']:.0f} s.",
+        f"Machine (at the end): {machine_line(info['machine'])} Wall time: {info['wall_seconds']:.0f} s.",
         f"Model: `{args.model}`; data: Shakespeare (held-out plays for evaluation). Same budget in every row: "
         f"{args.steps} AdamW steps, lr {args.lr} (warmup {dense['warmup_steps']}, cosine), block {args.block_size}, "
         f"batch {args.batch_size}, seed 0, same data order. P = **{args.pruning}**.",
         "",
-        "| model | ppl | relative to dense | exported bytes | measured forward speedup vs bf16 (CPU) |",
-        "|---|---:|---:|---:|---:|",
-        table_row(dense, dense, base_s),
-        table_row(baseline, dense, base_s),
-        *(table_row(r, dense, base_s) for r in rows[1:]),
+        *table(
+            ["model", "ppl", "relative to dense", "exported bytes", "measured forward speedup vs bf16 (CPU)"],
+            [table_row(r, dense, base_s) for r in [dense, baseline, *rows[1:]]],
+            "lrrrr",
+        ),
         "",
         "Notes:",
         "",
@@ -434,7 +424,7 @@ def render(args, rows: list[dict], baseline: dict, speed: dict, info: dict, argv
         "`load_compressed`; the bf16 baseline row is the dense model cast and saved with `save_pretrained`.",
         f"- Speed: forward only, `torch.inference_mode`, random token ids {args.speed_batch} x {args.speed_seq}, "
         f"{info['machine']['torch_threads']} threads; all models timed in one interleaved call "
-        f"(`_common.interleaved`: one warm-up each, then {args.repeats} rounds, median). Speedup = "
+        f"(`lightcook.measure.interleaved`: one warm-up each, then {args.repeats} rounds, median). Speedup = "
         "t(dense bf16) / t(row). Medians: "
         + ", ".join(f"{name} {s * 1e3:.1f} ms" for name, s in speed.items())
         + ".",
@@ -465,9 +455,10 @@ def main(argv: list[str] | None = None) -> None:
         r["seconds"] = speed[r["row"]]
         r["speedup_vs_bf16"] = speed[baseline["row"]] / speed[r["row"]]
         r["ppl_relative_to_dense"] = r["ppl"] / rows[0]["ppl"]
+    facts = machine()
     info = {
-        "machine": machine(),
-        "date": datetime.datetime.now().isoformat(timespec="minutes"),
+        "machine": facts,
+        "date": facts["date"],
         "wall_seconds": time.time() - started,
         "eval_batches": len(val),
         "eval_rows": sum(b["input_ids"].shape[0] for b in val),
@@ -489,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args.no_docs:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
-        write_section(text, SECTION, args.docs)
+        write_section(args.docs, SECTION, text)
 
 
 if __name__ == "__main__":

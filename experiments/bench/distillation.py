@@ -23,26 +23,23 @@ matplotlib is installed, plots the curves to docs/distillation.png (otherwise th
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import itertools
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from _common import StepTimer, cpu_name, cpu_trainer, interleaved_runs, write_section
-from _common import perplexity as held_out_perplexity
+from _common import BENCHMARKS_MD, StepTimer, cpu_trainer, header
 
 from lightcook.callbacks.distillation import DistillationCallback
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.data import TextDataModule
+from lightcook.measure import interleaved_runs, perplexity
 from lightcook.modules import CausalLMModule
+from lightcook.render import curves_figure, save_figure, write_section
 
 MODEL = "smollm2-135m-instruct"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -86,12 +83,9 @@ def fine_tuned_teacher(data: TextDataModule, args: argparse.Namespace, folder: P
     return str(folder)
 
 
-def perplexity(module: CausalLMModule, batches: list[dict]) -> float:
-    """Held-out perplexity (127 predicted tokens per row); the module's training mode is kept."""
-    was_training = module.training
-    ppl = held_out_perplexity(module, batches, device=module.device)
-    module.train(was_training)
-    return ppl
+def held_out(module: CausalLMModule, batches: list[dict]) -> float:
+    """Held-out perplexity (127 predicted tokens per row) on the module's device; its modes are kept."""
+    return perplexity(module, batches, device=module.device).value
 
 
 class PerplexityCurve(L.Callback):
@@ -103,7 +97,7 @@ class PerplexityCurve(L.Callback):
 
     def _record(self, step: int, pl_module) -> None:
         if not self.curve or self.curve[-1][0] != step:
-            self.curve.append((step, perplexity(pl_module, self.batches)))
+            self.curve.append((step, held_out(pl_module, self.batches)))
             print(f"  step {step:3d}: held-out ppl {self.curve[-1][1]:.2f}", flush=True)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -162,13 +156,14 @@ def overhead(module: CausalLMModule, kd: DistillationCallback, data: TextDataMod
     Median step time of each variant and its ratio to plain; the run order rotates every repeat.
     """
     callbacks = {"plain": [], "kd": [kd], "kd_bf16": [kd_callback(args, "bfloat16")]}  # teachers load once
-    result, samples = interleaved_runs(
+    samples = interleaved_runs(
         lambda kind: fit(module, data, args.timed_steps, callbacks[kind]).times[1:],
         list(callbacks),
         args.repeats,
     )
+    result = {kind: statistics.median(times) for kind, times in samples.items()}
     result.update(ratio=result["kd"] / result["plain"], ratio_bf16=result["kd_bf16"] / result["plain"])
-    result["samples"] = samples
+    result["samples"] = len(samples["plain"])
     print(result, flush=True)
     return result
 
@@ -176,32 +171,23 @@ def overhead(module: CausalLMModule, kd: DistillationCallback, data: TextDataMod
 # --------------------------------------------------------------------------- report
 
 
-def machine() -> str:
-    cpu = cpu_name()
-    gpu = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def plot(runs: dict, dense_ppl: float, path: Path) -> bool:
     """Write the perplexity curves as a small PNG; False when matplotlib is not installed."""
+    curves = {
+        label: runs[v]["curve"]
+        for v, label in (("plain", "2:4, fine-tune"), ("kd", "2:4, fine-tune + logit KD"))
+    }
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        fig = curves_figure(
+            curves,
+            xlabel="optimizer step",
+            ylabel="held-out ppl",
+            title="SmolLM2-135M, 2:4 Wanda",
+            hline=(dense_ppl, "dense teacher"),
+        )
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    for variant, label in (("plain", "2:4, fine-tune"), ("kd", "2:4, fine-tune + logit KD")):
-        steps, ppl = zip(*runs[variant]["curve"])
-        ax.plot(steps, ppl, marker="o", label=label)
-    ax.axhline(dense_ppl, color="gray", linestyle="--", label="dense teacher")
-    ax.set(xlabel="optimizer step", ylabel="held-out ppl", title="SmolLM2-135M, 2:4 Wanda")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -257,17 +243,7 @@ def render_overhead(args, timing: dict, pruned: bool) -> list[str]:
 
 
 def render(args, parts: list[str], wall: float) -> str:
-    command = " ".join([".venv/bin/python experiments/bench/distillation.py", *sys.argv[1:]])
-    command = f"Command: `{command}`"
-    header = [
-        SECTION,
-        "",
-        command,
-        f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s. "
-        f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
-        "",
-    ]
-    return "\n".join(header + parts)
+    return "\n".join([SECTION, "", *header("distillation.py", wall=wall), "", *parts])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,10 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kd_teacher_") as folder:  # `teacher: student` reloads from it
         if "recovery" in phases:
             val = list(itertools.islice(data.val_dataloader(), args.eval_batches))
-            pretrained_ppl = perplexity(load_module(args.lr), val)
+            pretrained_ppl = held_out(load_module(args.lr), val)
             print(f"pretrained held-out ppl {pretrained_ppl:.2f}", flush=True)
             start = fine_tuned_teacher(data, args, Path(folder))
-            dense_ppl = perplexity(load_module(args.lr, start), val)
+            dense_ppl = held_out(load_module(args.lr, start), val)
             print(f"teacher held-out ppl {dense_ppl:.2f}", flush=True)
             runs, module, kd = recovery(data, val, args, start)
             plotted = not args.no_docs and plot(runs, dense_ppl, DOCS / "distillation.png")
@@ -297,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(args, parts, time.time() - started)
     print(text)
     if not args.no_docs:
-        write_section(text, SECTION)
+        write_section(BENCHMARKS_MD, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import itertools
-import os
-import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
-from _common import cpu_name, cpu_trainer, interleaved, perplexity, write_section
+from _common import BENCHMARKS_MD, cpu_trainer, header
 
 from lightcook.callbacks.moefication import MoEficationCallback
 from lightcook.data import TextDataModule
+from lightcook.measure import interleaved, perplexity
 from lightcook.modules import CausalLMModule
 from lightcook.ops.moe import (
     MoEFFN,
@@ -51,7 +49,7 @@ from lightcook.ops.moe import (
     set_top_k,
     train_mlp_router,
 )
-from lightcook.plots import expert_load_figure, save_figure
+from lightcook.render import expert_load_figure, save_figure, write_section
 
 MODEL = "smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,19 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- helpers
 
 
-def machine() -> str:
-    cpu = cpu_name()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU, torch {torch.__version__}, load average {load:.1f} at start"
-
-
 def moe_callback(args: argparse.Namespace, **kwargs) -> MoEficationCallback:
     return MoEficationCallback(
         num_experts=args.experts,
         top_k=args.experts // 4,
         calibration_batches=args.calibration_batches,
         router_steps=args.router_steps,
-        export_dir=None,
         plot=False,
         **kwargs,
     )
@@ -114,7 +105,7 @@ def sweep(
     out = {}
     for fraction in FRACTIONS:
         set_top_k(model, fraction)
-        out[fraction] = perplexity(model, val)
+        out[fraction] = perplexity(model, val).value
         rows.append((label, f"{fraction:.0%}", "MLP", out[fraction]))
         print(f"[moe] {label}: {fraction:.0%} experts, MLP router: ppl {out[fraction]:.2f}", flush=True)
     if oracle:
@@ -123,7 +114,7 @@ def sweep(
         for m in layers.values():
             m.router = OracleRouter(m.num_experts)
         set_top_k(model, 0.25)
-        ppl = perplexity(model, val)
+        ppl = perplexity(model, val).value
         rows.append((label, "25%", "oracle", ppl))
         print(f"[moe] {label}: 25% experts, oracle router: ppl {ppl:.2f}", flush=True)
         for name, m in layers.items():
@@ -153,7 +144,7 @@ def dense_fine_tuned(args, data, val) -> float:
     module = CausalLMModule(name_or_path=MODEL, lr=args.lr, warmup_steps=3)
     torch.manual_seed(0)
     cpu_trainer(args.relu_steps + args.moe_steps, [], gradient_clip_val=None).fit(module, data)
-    ppl = perplexity(module.model, val)
+    ppl = perplexity(module.model, val).value
     print(f"[moe] dense SiLU fine-tuned {args.relu_steps + args.moe_steps} steps: ppl {ppl:.2f}", flush=True)
     return ppl
 
@@ -169,7 +160,7 @@ def with_relu(args, data, val, rows, root: Path) -> tuple[CausalLMModule, dict]:
     print(f"[moe] ReLU-fication fit: {fit_seconds:.0f} s; state {cb.state}", flush=True)
     label = f"ReLU-fied, {args.relu_steps} dense + {args.moe_steps} routed steps"
     set_top_k(module.model, args.experts)
-    dense_relu = perplexity(module.model, val)  # every expert = the fine-tuned dense ReLU model
+    dense_relu = perplexity(module.model, val).value  # every expert = the fine-tuned dense ReLU model
     rows.append((label, "100%", "-", dense_relu))
     sweep(module.model, val, label, rows)
     return module, {"state": cb.state, "fit_seconds": fit_seconds, "dense_relu": dense_relu}
@@ -265,7 +256,7 @@ def heatmap(module: CausalLMModule, val: list[dict], path: Path) -> list[list[fl
     for m in moes.values():
         m.load_counts.zero_()
     set_top_k(module.model, 0.25)
-    perplexity(module.model, val)
+    perplexity(module.model, val)  # the forward passes count the routed tokens
     load = torch.stack([m.load_counts.double() for m in moes.values()])  # (layers, E)
     save_figure(expert_load_figure(load.tolist(), list(moes), "held-out tokens, 25% of the experts"), path)
     return (load / load.mean(1, keepdim=True)).tolist()
@@ -328,10 +319,8 @@ def report(args, wall, dense_ppl, tuned_ppl, rows, silu, relu, ffn, model, share
     lines = [
         SECTION,
         "",
-        f"Command: `{' '.join(['.venv/bin/python experiments/bench/moefication.py', *sys.argv[1:]])}`",
-        f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s. "
-        f"Load average at the end: {os.getloadavg()[0]:.1f}. Timings are medians of interleaved repeats in one "
-        "process.",
+        *header("moefication.py", wall=wall),
+        "Timings are medians of interleaved repeats in one process.",
         f"Model: SmolLM2-135M-Instruct (30 SwiGLU FFNs, d_ff 1536) split into {args.experts} experts of "
         f"{fine_m} neurons (co-activation split); data: Shakespeare, block 128, batch 4; held-out "
         f"ppl over {args.eval_batches} validation batches ({args.eval_batches * 4 * 127} predicted tokens); "
@@ -385,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     val = list(itertools.islice(data.val_dataloader(), args.eval_batches))
     train = list(itertools.islice(data.train_dataloader(), args.calibration_batches))
     dense = CausalLMModule(name_or_path=MODEL).model.eval()
-    dense_ppl = perplexity(dense, val)
+    dense_ppl = perplexity(dense, val).value
     print(f"[moe] dense ppl {dense_ppl:.2f}", flush=True)
     rows: list[tuple[str, str, str, float]] = []
     tuned_ppl = None if args.no_dense_reference else dense_fine_tuned(args, data, val)
@@ -399,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(args, time.time() - started, dense_ppl, tuned_ppl, rows, silu, relu, ffn, model, shares)
     print(text)
     if not args.no_docs:
-        write_section(text, SECTION)
+        write_section(BENCHMARKS_MD, SECTION, text)
 
 
 if __name__ == "__main__":

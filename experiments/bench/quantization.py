@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,9 +36,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import cpu_trainer, interleaved, perplexity, write_section
+from _common import BENCHMARKS_MD, cpu_trainer
 
+from lightcook.measure import bytes_on_disk, interleaved, machine, perplexity
 from lightcook.ops.quant import Int8Linear
+from lightcook.render import machine_line, write_section
 
 MODEL = "smollm2-135m-instruct"
 SECTION = "## Quantization"
@@ -101,7 +101,8 @@ def gpu_kernels(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA")
     sync = torch.cuda.synchronize if device == "cuda" else None
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    facts = machine()
+    name = facts["cuda"] if device == "cuda" else facts["cpu"]
     device, tokens, rows = torch.device(device), 2048, []
     for in_f, out_f in SHAPES:
         x = torch.randn(tokens, in_f, device=device)
@@ -165,7 +166,7 @@ def load_module(lr: float) -> Any:
 def quant_callback(bits: int, method: str):
     from lightcook.callbacks.quantization import QuantizationCallback
 
-    return QuantizationCallback(bits=bits, method=method, export_dir=None)
+    return QuantizationCallback(bits=bits, method=method)
 
 
 def fine_tune(args, data, callbacks: list) -> tuple[Any, float]:
@@ -188,7 +189,7 @@ def quality(args, data, evals: list[dict]) -> tuple[list[dict], dict[str, Any]]:
     rows, keep = [], {}
 
     def row(name: str, model, seconds: float | None = None) -> None:
-        ppl = perplexity(model, evals)
+        ppl = perplexity(model, evals).value
         rows.append({"model": name, "ppl": ppl, "train_s": seconds})
         print(f"  {name:28s} ppl {ppl:8.2f}" + (f"  ({seconds:.0f} s)" if seconds else ""), flush=True)
 
@@ -244,15 +245,14 @@ def _step(module, optimizer, batch) -> None:
 
 
 def exported_bytes(keep: dict[str, Any], tmp: Path) -> tuple[list[dict], dict[str, Path]]:
-    from lightcook.export.quantized import export_quantized
-    from lightcook.io import bytes_on_disk
+    from lightcook.export import read_manifest, save_compressed
 
     load_module(1e-4).model.save_pretrained(tmp / "dense-fp32")
     dense_bytes = bytes_on_disk(tmp / "dense-fp32")
     rows, paths = [], {}
     for name, module in keep.items():
-        paths[name] = export_quantized(module.model, tmp / name)
-        manifest = json.loads((paths[name] / "lightcook.json").read_text())
+        paths[name] = save_compressed(module.model, tmp / name, nm=None)
+        manifest = read_manifest(paths[name])
         rows.append(
             {
                 "export": name,
@@ -267,11 +267,11 @@ def exported_bytes(keep: dict[str, Any], tmp: Path) -> tuple[list[dict], dict[st
 
 @torch.no_grad()
 def agreement(keep: dict[str, Any], paths: dict[str, Path], evals: list[dict]) -> list[dict]:
-    from lightcook.export.quantized import load_quantized
+    from lightcook.export import load_compressed
 
     rows = []
     for name, module in keep.items():
-        loaded, gaps = load_quantized(paths[name]), []
+        loaded, gaps = load_compressed(paths[name]), []
         module.model.eval()
         for batch in evals:
             ids = batch["input_ids"]
@@ -285,7 +285,7 @@ def agreement(keep: dict[str, Any], paths: dict[str, Path], evals: list[dict]) -
 
 @torch.no_grad()
 def speed(args, paths: dict[str, Path]) -> tuple[list[dict], dict[str, float]]:
-    from lightcook.export.quantized import load_quantized
+    from lightcook.export import load_compressed
 
     layers = []
     x = torch.randn(2048, max(i for i, _ in SHAPES))
@@ -299,7 +299,7 @@ def speed(args, paths: dict[str, Path]) -> tuple[list[dict], dict[str, float]]:
         )
     fp32 = load_module(1e-4).model.eval()
     bf16 = load_module(1e-4).model.eval().to(torch.bfloat16)
-    int8 = load_quantized(paths["W8A8"])
+    int8 = load_compressed(paths["W8A8"])
     ids = torch.randint(0, fp32.config.vocab_size, (8, 256), generator=torch.Generator().manual_seed(0))
     models = {"dense fp32": fp32, "dense bf16": bf16, "W8A8 int8 export": int8}
     e2e = interleaved(
@@ -318,7 +318,7 @@ def markdown(args, res: dict[str, Any]) -> str:
         SECTION,
         "",
         f"Command: `{res['command']}`  ",
-        f"Machine: {res['machine']}; {res['date']}; total {res['wall_min']:.1f} min.  ",
+        f"Machine: {res['machine']} Total {res['wall_min']:.1f} min.  ",
         f"Model SmolLM2-135M-Instruct (weights converted from a Q4_1 GGUF), Shakespeare held-out plays, "
         f"ctx 128, {res['eval_tokens']} evaluation tokens. Fine-tune and QAT: {args.steps} AdamW steps of "
         f"4 x 128 tokens (same seed and batches for every run), lr {args.lr:g}, warmup 3, cosine; "
@@ -413,21 +413,6 @@ def goals(args, res: dict[str, Any], ppl: dict[str, float], dense_ft: float) -> 
     ]
 
 
-def cpu_description() -> str:
-    """CPU model and the ISA extensions that decide bf16 / int8 speed (from /proc/cpuinfo)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields = {
-        k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)
-    }
-    flags = fields.get("flags", "").split()
-    isa = [f for f in ("avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16") if f in flags]
-    name = fields.get("model name", platform.machine())
-    return f"{name}, {' '.join(isa) or 'no AVX-512 VNNI/BF16'}"
-
-
 def cpu_main(args: argparse.Namespace) -> dict[str, Any]:
     from lightcook.data import TextDataModule
 
@@ -437,11 +422,9 @@ def cpu_main(args: argparse.Namespace) -> dict[str, Any]:
     evals = [b for _, b in zip(range(args.eval_batches), data.val_dataloader())]
     res: dict[str, Any] = {
         "command": "python " + " ".join([sys.argv[0].split("lightcook/", 1)[-1], *sys.argv[1:]]),
-        "machine": f"{os.cpu_count()}-core CPU ({cpu_description()}), no GPU, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
         "date": datetime.date.today().isoformat(),
         "eval_tokens": sum(b["labels"][:, 1:].numel() for b in evals),
-        "load_start": os.getloadavg()[0],  # the machine may be shared: other jobs skew timings
+        "load_start": (machine()["load_average"] or [float("nan")])[0],  # other jobs skew timings
     }
     print("quality", flush=True)
     res["quality"], keep = quality(args, data, evals)
@@ -454,7 +437,7 @@ def cpu_main(args: argparse.Namespace) -> dict[str, Any]:
         del keep
         res["layers"], res["e2e"] = speed(args, paths)
     res["wall_min"] = (time.perf_counter() - started) / 60
-    res["machine"] += f"; load average {res.pop('load_start'):.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    res["machine"] = f"{machine_line(machine())} (load average {res.pop('load_start'):.1f} at the start)"
     return res
 
 
@@ -482,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     print(json.dumps(res, indent=2, default=str))
     if not (args.no_docs or args.tiny):
-        write_section(text, SECTION)
+        write_section(BENCHMARKS_MD, SECTION, text)
 
 
 if __name__ == "__main__":

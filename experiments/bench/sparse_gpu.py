@@ -3,14 +3,14 @@
     python experiments/bench/sparse_gpu.py --out gpu_sparse.md   # needs a CUDA GPU
 
 Weights are pruned to 2:4 with ``lightcook.ops.sparsity.nm_mask`` and converted with
-``torch.sparse.to_sparse_semi_structured`` (what ``lightcook.export.sparse.load_sparse`` does on CUDA).
-Dense and sparse products are timed interleaved with CUDA events; medians of repeats.
+``torch.sparse.to_sparse_semi_structured`` (what ``lightcook.export.load_compressed`` does on CUDA).
+Dense and sparse products are timed interleaved (``lightcook.measure.interleaved``, CUDA-synchronized,
+3 warm-up rounds, 50 products per sample); medians of the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,19 +18,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lightcook.measure import interleaved, machine  # noqa: E402
 from lightcook.ops.sparsity import nm_mask  # noqa: E402
 
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008), (11008, 4096)]
-
-
-def _time(fn, repeats: int = 50) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def measure(
@@ -41,13 +32,9 @@ def measure(
     sparse = torch.sparse.to_sparse_semi_structured(weight)
     x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
     err = (F.linear(x, sparse) - F.linear(x, weight)).abs().max().item()
-    for _ in range(3):
-        F.linear(x, weight), F.linear(x, sparse)
-    dense_ms, sparse_ms = [], []
-    for _ in range(rounds):
-        dense_ms.append(_time(lambda: F.linear(x, weight)))
-        sparse_ms.append(_time(lambda: F.linear(x, sparse)))
-    return statistics.median(dense_ms), statistics.median(sparse_ms), err
+    fns = {"dense": lambda: F.linear(x, weight), "sparse": lambda: F.linear(x, sparse)}
+    seconds = interleaved(fns, rounds, warmup=3, inner=50, sync=torch.cuda.synchronize)
+    return 1e3 * seconds["dense"], 1e3 * seconds["sparse"], err
 
 
 def main() -> None:
@@ -58,7 +45,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("needs CUDA")
     lines = [
-        f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.tokens} tokens; "
+        f"GPU: {machine()['cuda']}; torch {torch.__version__}; {args.tokens} tokens; "
         "median of 7 interleaved rounds × 50 products",
         "",
         "| in → out | dtype | dense ms | 2:4 sparse ms | speedup | max abs diff |",

@@ -22,28 +22,25 @@ It rewrites the ``## Sparsity`` section of docs/benchmarks.md (other sections ar
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import itertools
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from _common import StepTimer, cpu_name, cpu_trainer, interleaved_runs, perplexity, write_section
+from _common import BENCHMARKS_MD, StepTimer, cpu_trainer, header
 from safetensors.torch import save_file
 
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.data import TextDataModule
-from lightcook.export.sparse import export_bytes, export_sparse, load_sparse
-from lightcook.io import bytes_on_disk
+from lightcook.export import estimate_bytes, load_compressed, read_manifest, save_compressed
+from lightcook.measure import bytes_on_disk, interleaved, interleaved_runs, perplexity
 from lightcook.modules import CausalLMModule
 from lightcook.ops.sparsity import is_nm
+from lightcook.render import table, write_section
 
 MODEL = "smollm2-135m-instruct"
 SECTION = "## Sparsity"
@@ -93,13 +90,13 @@ def prune_once(module: CausalLMModule, calib: list[dict], **kwargs) -> tuple[Spa
 
 
 def one_shot_rows(val: list, calib: list) -> list[tuple[str, float, str]]:
-    rows = [("dense (no pruning)", perplexity(load_module(), val), "")]
+    rows = [("dense (no pruning)", perplexity(load_module(), val).value, "")]
     for pattern, criterion in itertools.product(("1d", "2d"), ("magnitude", "wanda")):
         module = load_module()
         cb, seconds = prune_once(module, calib, pattern=pattern, criterion=criterion)
         what = "calibration + " if criterion == "wanda" else ""
         note = f"{what}mask search {seconds:.1f} s (all {len(cb.layers)} Linears)"
-        rows.append((f"one-shot 2:4 {pattern} {criterion}", perplexity(module, val), note))
+        rows.append((f"one-shot 2:4 {pattern} {criterion}", perplexity(module, val).value, note))
         print(rows[-1], flush=True)
         del module, cb
         gc.collect()
@@ -114,7 +111,7 @@ def finetune_rows(data, val, args) -> tuple[list, dict]:
     """
     dense = load_module(args.lr)
     dense_s = statistics.median(fit(dense, data, args.steps, []).times[1:])
-    rows = [(f"dense fine-tuned {args.steps} steps", perplexity(dense, val), f"{dense_s:.2f} s/step")]
+    rows = [(f"dense fine-tuned {args.steps} steps", perplexity(dense, val).value, f"{dense_s:.2f} s/step")]
     print(rows[-1], flush=True)
     del dense
     gc.collect()
@@ -122,7 +119,7 @@ def finetune_rows(data, val, args) -> tuple[list, dict]:
     cb = SparsityCallback(criterion="wanda", calibration_batches=args.calibration_batches)
     masked_s = statistics.median(fit(masked, data, args.steps, [cb]).times[1:])
     note = f"{masked_s:.2f} s/step; Wanda masks at step 0"
-    rows.append((f"2:4 1d wanda + masked fine-tune {args.steps} steps", perplexity(masked, val), note))
+    rows.append((f"2:4 1d wanda + masked fine-tune {args.steps} steps", perplexity(masked, val).value, note))
     print(rows[-1], flush=True)
     extra = {"enforce_ms": enforcement_ms(cb), "sizes": export_sizes(masked)}
     del masked, cb
@@ -139,52 +136,40 @@ def overhead(data, args) -> dict[str, float]:
         gc.collect()
         return times
 
-    medians, samples = interleaved_runs(run, ["plain", "callback"], args.repeats)
-    result = {**medians, "ratio": medians["callback"] / medians["plain"], "samples": samples}
+    samples = interleaved_runs(run, ["plain", "callback"], args.repeats)
+    medians = {kind: statistics.median(times) for kind, times in samples.items()}
+    result = {**medians, "ratio": medians["callback"] / medians["plain"], "samples": len(samples["plain"])}
     print(result, flush=True)
     return result
 
 
 def enforcement_ms(cb: SparsityCallback) -> float:
-    samples = []
-    for _ in range(20):
-        started = time.perf_counter()
-        cb.apply_masks()
-        samples.append(time.perf_counter() - started)
-    return 1000 * statistics.median(samples)
+    """Median milliseconds of one re-zeroing of every masked weight (20 samples, one warm-up)."""
+    return 1000 * interleaved({"enforce": cb.apply_masks}, 20)["enforce"]
 
 
 def export_sizes(module: CausalLMModule) -> dict[str, int]:
     """Packed fp16 export vs the same model saved dense in fp16 (whole folders and the targeted weights)."""
     root = Path(tempfile.mkdtemp(prefix="lightcook-bench-export-"))
-    path = export_sparse(module.model, root / "sparse", 2, 4, dtype=torch.float16)
+    path = save_compressed(module.model, root / "sparse", nm=(2, 4), dtype=torch.float16)
     dense = {k: v.half() for k, v in module.model.state_dict().items() if not k.endswith("weight_mask")}
     dense.pop("lm_head.weight", None)  # tied to the embedding: stored once, as the export does
     save_file({k: v.contiguous() for k, v in dense.items()}, str(root / "dense.safetensors"))
-    loaded = load_sparse(path)
+    loaded = load_compressed(path)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(loaded.state_dict()[q], module.model.state_dict()[q].half())
-    packed, dense_targets = export_bytes(module.model, 2, 4, dtype_bytes=2)
+    layers = estimate_bytes(module.model, nm=(2, 4), dtype=torch.float16)["layers"]
+    targets = [layer for layer in layers.values() if "nm" in layer["techniques"]]
+    assert len(targets) == len(read_manifest(path)["nm"]["layers"]) > 0, "no 2:4 layer was packed"
     return {
         "export_folder": bytes_on_disk(path),
         "dense_fp16_file": bytes_on_disk(root / "dense.safetensors"),
-        "targets_packed": packed,
-        "targets_dense_fp16": dense_targets,
+        "targets_packed": sum(layer["weight_bytes"] for layer in targets),
+        "targets_dense_fp16": sum(2 * layer["params"] for layer in targets),
     }
 
 
 # --------------------------------------------------------------------------- report
-
-
-def machine() -> str:
-    cpu = cpu_name()
-    gpu = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    cores = os.cpu_count()
-    load = os.getloadavg()[1]  # other jobs share the machine: say how busy it was
-    return (
-        f"{cpu}, {cores} cores (5-min load average {load:.1f} at the end), {torch.get_num_threads()} "
-        f"torch threads, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
-    )
 
 
 def render(args, rows, timing, enforce_ms, sizes, wall) -> str:
@@ -192,16 +177,17 @@ def render(args, rows, timing, enforce_ms, sizes, wall) -> str:
     lines = [
         SECTION,
         "",
-        f"Command: `{' '.join(['.venv/bin/python', 'experiments/bench/sparsity.py', *sys.argv[1:]])}`  ",
-        f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s.  ",
+        *header("sparsity.py", wall=wall),
         f"Model: SmolLM2-135M-Instruct (30 layers, 210 targeted Linears); data: Shakespeare, "
         f"block 128, batch 4; held-out ppl over {args.eval_batches} validation batches "
         f"({args.eval_batches * 4 * 127} predicted tokens); Wanda calibrates on {args.calibration_batches} "
         f"training batches; fine-tunes: AdamW lr {args.lr}, warmup 3, cosine, same data order.",
         "",
-        "| variant | held-out ppl | notes |",
-        "|---|---:|---|",
-        *[f"| {name} | {ppl:.2f} | {note} |" for name, ppl, note in rows],
+        *table(
+            ["variant", "held-out ppl", "notes"],
+            [[name, f"{ppl:.2f}", note] for name, ppl, note in rows],
+            "lrl",
+        ),
         "",
         f"Step time, callback (2:4 magnitude, enforcement after every step) vs none, interleaved "
         f"{args.repeats} x {args.timed_steps}-step runs, first step of each run dropped "
@@ -221,7 +207,7 @@ def render(args, rows, timing, enforce_ms, sizes, wall) -> str:
         f"| {sizes['export_folder'] / sizes['dense_fp16_file']:.3f} |",
         "",
         "CPU runs keep dense math (the export is compact on disk; no CPU speed-up is claimed). "
-        "On CUDA, `load_sparse` swaps 2:4 Linear weights to `torch.sparse.to_sparse_semi_structured`; "
+        "On CUDA, `lightcook.export.load_compressed` swaps 2:4 Linear weights to `torch.sparse.to_sparse_semi_structured`; "
         "no GPU timing is reported here.",
         "",
     ]
@@ -243,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(args, rows + ft_rows, timing, extra["enforce_ms"], extra["sizes"], time.time() - started)
     print(text)
     if not args.no_docs:
-        write_section(text, SECTION)
+        write_section(BENCHMARKS_MD, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,8 @@ It rewrites the ``## Structured pruning`` section of docs/benchmarks.md (other s
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from functools import partial
@@ -35,13 +31,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from _common import StepTimer, cpu_name, cpu_trainer, interleaved, perplexity, write_section
+from _common import BENCHMARKS_MD, StepTimer, cpu_trainer, header
 
 from lightcook.callbacks.structured_pruning import StructuredPruningCallback
 from lightcook.data import TextDataModule
+from lightcook.export import load_compressed, read_manifest, save_compressed
+from lightcook.measure import interleaved, perplexity
 from lightcook.modules import CausalLMModule
 from lightcook.ops.architectures import get_architecture, layer_parameter_count
-from lightcook.ops.slicing import describe_structure, load_sliced
+from lightcook.render import write_section
 
 MODEL = "smollm2-135m-instruct"
 SECTION = "## Structured pruning"
@@ -117,7 +115,8 @@ def prune_run(
     root = tempfile.mkdtemp(prefix="lightcook-bench-structured-")
     trainer = cpu_trainer(args.steps, [timer, *callbacks, trace], root)
     trainer.fit(module, datamodule=data)
-    return {"cb": cb, "timer": timer, "trace": trace, "export": Path(cb.exports["structured"])}
+    export = save_compressed(cb.network(module), Path(root) / "compressed", nm=None)  # the sliced network
+    return {"cb": cb, "timer": timer, "trace": trace, "export": export}
 
 
 def dense_fine_tuned(data: TextDataModule, args: argparse.Namespace) -> torch.nn.Module:
@@ -131,16 +130,16 @@ def dense_fine_tuned(data: TextDataModule, args: argparse.Namespace) -> torch.nn
 
 def describe(run: dict[str, Any], val: list[dict], dense_layers: int) -> dict[str, Any]:
     """Held-out ppl, parameter counts and structure of a run's sliced export."""
-    sliced = load_sliced(run["export"])
-    arch = get_architecture(sliced)
-    blocks = describe_structure(sliced, arch).values()
+    sliced = load_compressed(run["export"])
+    structured = read_manifest(run["export"])["structured"]
+    blocks = structured["blocks"].values()
     attention = [b for b in blocks if b["kind"] == "attention"]
     ffn = [b for b in blocks if b["kind"] == "ffn"]
-    layers = layer_parameter_count(sliced, arch)
+    layers = structured["layer_parameters"]
     cb = run["cb"]
     return {
         "model": sliced,
-        "ppl": perplexity(sliced, val),
+        "ppl": perplexity(sliced, val).value,
         "layer_params": layers,
         "sparsity": 1 - layers / dense_layers,
         "attention_kept": sum(not b["removed"] for b in attention),
@@ -150,7 +149,7 @@ def describe(run: dict[str, Any], val: list[dict], dense_layers: int) -> dict[st
         "num_layers": sliced.config.num_hidden_layers,
         "frozen_at": cb.state["frozen_at"],
         "step_s": statistics.median(run["timer"].times[1:] or run["timer"].times),
-        "target_met": cb.summary["target_met"],
+        "target_met": cb.summary()["target_met"],
         "trace": run["trace"].rows,
     }
 
@@ -165,15 +164,6 @@ def forward_speed(models: dict[str, torch.nn.Module], repeats: int) -> dict[str,
 
 
 # --------------------------------------------------------------------------- report
-
-
-def machine() -> str:
-    cpu = cpu_name()
-    load = os.getloadavg()[1]  # other jobs share the machine: say how busy it was
-    return (
-        f"{cpu}, {os.cpu_count()} cores (5-min load average {load:.1f} at the end), "
-        f"{torch.get_num_threads()} torch threads, no GPU; torch {torch.__version__}, Python {platform.python_version()}"
-    )
 
 
 def trace_line(name: str, rows: list[tuple[float, float]]) -> str:
@@ -197,8 +187,7 @@ def render(
     lines = [
         SECTION,
         "",
-        f"Command: `{' '.join(['.venv/bin/python experiments/bench/structured_pruning.py', *sys.argv[1:]])}`",
-        f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall:.0f} s.",
+        *header("structured_pruning.py", wall=wall),
         f"Model: SmolLM2-135M-Instruct (30 layers, 3 KV groups of 3 query heads, 1536 FFN neurons; "
         f"{dense_layers:,} layer parameters = everything but the tied embedding and final norm). "
         f"Data: Shakespeare, block {args.block_size}, batch {args.batch_size}; held-out ppl over "
@@ -265,11 +254,11 @@ def main(argv: list[str] | None = None) -> None:
     val = list(itertools.islice(data.val_dataloader(), args.eval_batches))
     dense = CausalLMModule(name_or_path=MODEL).model
     dense_layers = layer_parameter_count(dense, get_architecture(dense))
-    dense_ppl = perplexity(dense, val)
+    dense_ppl = perplexity(dense, val).value
     teacher, tuned_ppl = "student", None  # KD teacher: the dense fine-tuned model when there is one
     if not args.no_dense_reference:
         tuned = dense_fine_tuned(data, args)
-        tuned_ppl = perplexity(tuned, val)
+        tuned_ppl = perplexity(tuned, val).value
         teacher = tempfile.mkdtemp(prefix="lightcook-bench-teacher-")
         tuned.save_pretrained(teacher)
         del tuned
@@ -302,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(args, dense_ppl, tuned_ppl, dense_layers, results, speed, kd_note, time.time() - started)
     print(text)
     if not args.no_docs:
-        write_section(text, SECTION)
+        write_section(BENCHMARKS_MD, SECTION, text)
 
 
 if __name__ == "__main__":

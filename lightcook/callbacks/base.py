@@ -192,6 +192,34 @@ class CompressionCallback(Callback):
         self._prepared_model: int | None = None
         self._hook_handles: list[Any] = []
 
+    #: The technique's config class (a :class:`~lightcook.ops.config.TechniqueConfig` subclass).
+    config_class: type[TechniqueConfig] | None = None
+
+    def configure(self, config: Any, options: Mapping[str, Any]) -> Any:
+        """The config from ``config=`` (a :attr:`config_class` instance) or from keyword ``options``
+        (its fields, as YAML gives them), never both; errors prefixed ``compress.<key>.``."""
+        cls = self.config_class
+        assert cls is not None, f"{type(self).__name__} sets no config_class"
+        if config is None:
+            return self.build_config(cls, **options)
+        if not isinstance(config, cls):
+            raise TypeError(
+                f"{self.config_key}.config: must be a {cls.__name__}, got {type(config).__name__}; "
+                "or give its fields as keyword options"
+            )
+        if options:
+            raise self.fail(sorted(options)[0], "given both in config= and as an option; pass one of them")
+        return config
+
+    def named(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``call(...)`` with an ops error (``<field>: ...``) prefixed once by ``compress.<key>.``."""
+        try:
+            return call(*args, **kwargs)
+        except (ValueError, RuntimeError) as err:
+            if str(err).startswith(self.config_key):
+                raise
+            raise type(err)(f"{self.config_key}.{err}") from None
+
     def build_config(self, cls: type[_Config], **kwargs: Any) -> _Config:
         """``cls(**kwargs)``, errors prefixed ``compress.<key>.`` (the one place the prefix is added)."""
         return cls.build(f"{self.config_key}.", **kwargs)
@@ -290,13 +318,15 @@ class CompressionCallback(Callback):
         # resume guard and the loss wrapper once.
         sort_callbacks(trainer)
         destroy_gloo_group_at_exit()
-        callbacks = compression_callbacks(trainer.callbacks)
-        if not callbacks or callbacks[0]._prepared_model == id(pl_module):
+        callbacks = compression_callbacks(trainer.callbacks)  # type: ignore[attr-defined]
+        if not callbacks:
             return
-        check_combination(callbacks, self.network(pl_module))
-        check_optimization(callbacks, pl_module)
-        for callback in callbacks:
-            callback.prepare_once(trainer, pl_module)
+        if callbacks[0]._prepared_model != id(pl_module):
+            check_combination(callbacks, self.network(pl_module))
+            check_optimization(callbacks, pl_module)
+            for callback in callbacks:
+                callback.prepare_once(trainer, pl_module)
+        # teardown removed the instance hooks of an earlier fit of this module: install them again
         install_resume_guard(trainer, pl_module, callbacks)
         if stage == "fit":
             install_loss_hook(trainer, pl_module, callbacks)
@@ -342,6 +372,7 @@ class CompressionCallback(Callback):
 
 
 _Config = TypeVar("_Config", bound=TechniqueConfig)
+_T = TypeVar("_T")
 #: Where a callback's ``SHAPE_FIELDS`` ride in its checkpoint state.
 SHAPE_KEY = "_config"
 
@@ -358,9 +389,9 @@ def sort_callbacks(trainer: Trainer) -> None:
     ``Trainer(callbacks=[...])`` or ``+compress=[...]``. The list is rebound, not mutated: a hook loop
     in progress (Lightning iterates ``trainer.callbacks``) finishes over the old list.
     """
-    current = list(trainer.callbacks)
+    current = list(trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning, not declared
     ordered = iter(compression_callbacks(current))
-    trainer.callbacks = [next(ordered) if isinstance(c, CompressionCallback) else c for c in current]
+    trainer.callbacks = [next(ordered) if isinstance(c, CompressionCallback) else c for c in current]  # type: ignore[attr-defined]
 
 
 def destroy_gloo_group_at_exit() -> None:
@@ -390,7 +421,7 @@ def _destroy_process_group() -> None:
 class Conflict:
     """A combination of two techniques that cannot work: when ``applies(first, second, network)``
     holds for callbacks of techniques ``first`` and ``second``, setup fails with ``why`` (a format
-    string over ``first``, ``second`` — the callbacks — and ``network``)."""
+    string over ``first``, ``second`` — the callbacks — and ``head_dim``, the network's head width)."""
 
     first: str
     second: str
@@ -419,12 +450,32 @@ CONFLICTS: tuple[Conflict, ...] = (
         "{second.config_key}.units (heads and whole attention/FFN blocks combine with experts)",
     ),
     Conflict(
+        "prune",
+        "moe",
+        lambda p, moe, net: _cfg(p).mode == "nm" and _cfg(p).start_step < _cfg(moe).split_step,
+        "N:M masks from step {first.config.start_step} would be scrambled by the expert split at step "
+        "{second.config.split_step} (it permutes the down projection's input columns); set "
+        "{first.config_key}.start_step >= {second.config_key}.split_step",
+    ),
+    Conflict(
+        "prune",
         "structured",
-        "quant",
-        lambda st, q, net: _cfg(q).method != "absmax" or _cfg(q).granularity == "group",
-        "slicing cuts weight rows/columns, but {second.config_key}.method={second.config.method!r} / "
-        "granularity={second.config.granularity!r} keeps learned or group-wise scales that would no "
-        "longer fit; use method: absmax with granularity: channel or tensor",
+        lambda p, st, net: _cfg(p).mode == "nm" and "neurons" in _cfg(st).units,
+        "slicing single FFN neurons removes single input columns of the down projection and breaks "
+        "its {first.config.n}:{first.config.m} groups; drop 'neurons' from {second.config_key}.units "
+        "(heads and whole blocks are fine) or use mode: unstructured",
+    ),
+    Conflict(
+        "prune",
+        "structured",
+        lambda p, st, net: (
+            _cfg(p).mode == "nm"
+            and "heads" in _cfg(st).units
+            and bool(_head_dim(net))
+            and _head_dim(net) % _cfg(p).m != 0
+        ),
+        "the head width {head_dim} is not a multiple of m={first.config.m}, so removing a head breaks the "
+        "output projection's {first.config.n}:{first.config.m} groups; drop 'heads' from {second.config_key}.units",
     ),
     Conflict(
         "prune",
@@ -434,32 +485,12 @@ CONFLICTS: tuple[Conflict, ...] = (
         "the Linear, so SR-STE would silently do nothing; use hard masks (sr_ste_decay: null) with quantization",
     ),
     Conflict(
-        "moe",
-        "prune",
-        lambda moe, p, net: _cfg(p).mode == "nm" and _cfg(p).start_step < _cfg(moe).split_step,
-        "N:M masks from step {second.config.start_step} would be scrambled by the expert split at step "
-        "{first.config.split_step} (it permutes the down projection's input columns); set "
-        "{second.config_key}.start_step >= {first.config_key}.split_step",
-    ),
-    Conflict(
+        "quant",
         "structured",
-        "prune",
-        lambda st, p, net: _cfg(p).mode == "nm" and "neurons" in _cfg(st).units,
-        "slicing single FFN neurons removes single input columns of the down projection and breaks "
-        "its {second.config.n}:{second.config.m} groups; drop 'neurons' from {first.config_key}.units "
-        "(heads and whole blocks are fine) or use mode: unstructured",
-    ),
-    Conflict(
-        "structured",
-        "prune",
-        lambda st, p, net: (
-            _cfg(p).mode == "nm"
-            and "heads" in _cfg(st).units
-            and bool(_head_dim(net))
-            and _head_dim(net) % _cfg(p).m != 0
-        ),
-        "slicing a head removes head_dim input columns of the output projection, which is not a "
-        "multiple of m={second.config.m}; drop 'heads' from {first.config_key}.units or use mode: unstructured",
+        lambda q, st, net: _cfg(q).method != "absmax" or _cfg(q).granularity == "group",
+        "slicing cuts weight rows/columns, but method={first.config.method!r} / granularity="
+        "{first.config.granularity!r} keeps learned or group-wise scales that would no longer fit; "
+        "use method: absmax with granularity: channel or tensor",
     ),
 )
 
@@ -472,7 +503,7 @@ def check_combination(callbacks: Sequence[CompressionCallback], network: nn.Modu
         for first in (c for c in callbacks if c.technique == rule.first):
             for second in (c for c in callbacks if c.technique == rule.second):
                 if rule.applies(first, second, network):
-                    why = rule.why.format(first=_Fmt(first), second=_Fmt(second), network=network)
+                    why = rule.why.format(first=_Fmt(first), second=_Fmt(second), head_dim=_head_dim(network))
                     raise first.conflict(second, why)
     for callback in callbacks:
         callback.check_with([c for c in callbacks if c is not callback], network)
@@ -773,7 +804,7 @@ def calibration_batches(
         RuntimeError: no trainer or no training dataloader, or it yields no batch (names ``owner``).
     """
     loader = first_loader(trainer.train_dataloader) if trainer is not None else None
-    if loader is None:
+    if trainer is None or loader is None:
         raise RuntimeError(f"{owner}: needs training batches for calibration; the trainer has none")
     source = _in_dataset_order(loader) if ordered else calibration_source(loader)
     seen = 0

@@ -1,11 +1,12 @@
 """N:M (2:4) and unstructured weight sparsity, enforced through training: :class:`SparsityCallback`.
 
-Every targeted Linear gets a ``weight_mask`` bool buffer (in the model's state dict, so a resumed run
-continues with the same masks). Masks are (re)computed at the start of a training batch when the
-schedule says so, from magnitude or Wanda scores; after every optimizer step the masked weights are
-zeroed again. With SR-STE the dense weights keep learning and the forward pass sees ``w * mask``
-through a parametrization, folded into the weight when fitting ends. N:M groups run along the input
-dimension: dim 1 of ``nn.Linear.weight`` ``(out, in)``, dim 0 of GPT-2's ``Conv1D.weight`` ``(in, out)``.
+Every targeted Linear gets a ``weight_mask`` bool buffer (:func:`lightcook.ops.sparsity.prepare_`; in
+the model's state dict, so a resumed run continues with the same masks). Masks are (re)computed at
+the start of a training batch when the schedule says so, from magnitude or Wanda scores; after every
+optimizer step the masked weights are zeroed again. With SR-STE the dense weights keep learning and
+the forward pass sees ``w * mask`` through a parametrization, folded into the weight when fitting
+ends (:func:`lightcook.ops.sparsity.convert_`). N:M groups run along the input dimension: dim 1 of
+``nn.Linear.weight`` ``(out, in)``, dim 0 of GPT-2's ``Conv1D.weight`` ``(in, out)``.
 
 Example:
     >>> import tempfile, torch, lightning as L
@@ -27,9 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import itertools
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,77 +36,30 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from lightcook.callbacks.base import (
     CompressionCallback,
     StepSchedule,
     all_reduce_,
-    calibration_source,
+    calibration_batches,
     eval_mode,
-    first_loader,
-    target_model,
 )
+from lightcook.ops.names import MASK, is_conv1d
 from lightcook.ops.sparsity import (
-    MAX_TRANSPOSABLE_M,
-    InputNormAccumulator,
-    global_unstructured_masks,
-    nm_mask,
-    nm_mask_transposable,
-    ramp_mask,
-    sr_ste,
-    unstructured_mask,
-    wanda_scores,
+    NMConfig,
+    apply_masks_,
+    as_out_in,
+    attach_sr_ste_,
+    compute_masks_,
+    convert_,
+    dense_weight,
+    prepare_,
+    record_input_norms,
+    sparsity_of,
 )
 
-MASK = "weight_mask"
-MODES = ("nm", "unstructured")
-PATTERNS = ("1d", "2d")
-SCOPES = ("layer", "global")
-CRITERIA = ("magnitude", "wanda")
-EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_MAX_EXPORT_M = 16  # packed position codes hold at most 4 bits
-
-
-# --------------------------------------------------------------------------- weight layout helpers
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for Hugging Face's GPT-2 ``Conv1D`` (also when parametrized), whose weight is ``(in, out)``."""
-    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
-
-
-def dense_weight(module: nn.Module) -> Tensor:
-    """The trainable weight as stored (the unmasked original when SR-STE parametrizes it)."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module.weight
-
-
-def as_out_in(tensor: Tensor, module: nn.Module) -> Tensor:
-    """View a weight-shaped tensor as ``(out, in)`` (transposes ``Conv1D`` layouts)."""
-    return tensor.T if is_conv1d(module) else tensor
-
-
-class _SRSTEMask(nn.Module):
-    """Parametrization ``weight -> sr_ste(weight, owner.weight_mask, decay)``.
-
-    The owner is kept outside the module registry (no recursion in ``modules()``/``state_dict``)
-    and the mask is looked up on every call, so ``.to(device)`` and checkpoint loads stay in sync.
-    """
-
-    def __init__(self, owner: nn.Module, decay: float) -> None:
-        super().__init__()
-        object.__setattr__(self, "_owner", owner)
-        self.decay = decay
-
-    @override
-    def forward(self, weight: Tensor) -> Tensor:
-        return sr_ste(weight, getattr(self._owner, MASK), self.decay)
-
-
-# --------------------------------------------------------------------------- the callback
+__all__ = ["MASK", "SparsityCallback", "as_out_in", "dense_weight", "is_conv1d"]
 
 
 class SparsityCallback(CompressionCallback):
@@ -119,80 +71,54 @@ class SparsityCallback(CompressionCallback):
     without it the full pattern is applied at once. ``recompute_every`` re-scores the masks
     periodically afterwards (useful with SR-STE, where pruned weights keep learning). After every
     optimizer step (all optimizers, gradient accumulation, manual optimization, AMP) masked weights
-    are exactly zero; with SR-STE the effective weight ``module.weight`` is.
+    are exactly zero; with SR-STE the effective weight ``module.weight`` is. Adds no loss term.
 
     Args:
-        mode: ``"nm"`` (``n`` kept of every ``m`` inputs) or ``"unstructured"`` (drop ``sparsity``).
-        n: kept weights per group (mode ``nm``).
-        m: group size along the input dimension (mode ``nm``).
-        pattern: ``"1d"`` (groups along inputs) or ``"2d"`` (transposable: every ``m x m`` block is
-            N:M along rows and columns, so the backward pass can be sparse too; ``m <= 4``).
-        sparsity: fraction of weights to drop (mode ``unstructured`` only; default 0.5).
-        scope: ``"layer"`` (each layer loses ``sparsity``) or ``"global"`` (one threshold over all
-            targeted layers); mode ``unstructured`` only.
-        criterion: ``"magnitude"`` (``|W|``) or ``"wanda"`` (``|W| * ||X||``, input norms gathered
-            with forward hooks over ``calibration_batches`` training batches, summed over ranks).
-        calibration_batches: batches per Wanda calibration (one calibration per mask update).
-        start_step: optimizer step at which the first mask is computed.
-        end_step: end of the gradual ramp (``None``: one-shot at ``start_step``).
-        ramp_every: steps between mask updates during the ramp.
-        recompute_every: after the ramp, recompute masks every this many steps (0: never).
-        sr_ste_decay: SR-STE decay of pruned weights (``None``: hard masking, weights zeroed).
-        export_dir: folder for the packed export at fit end, relative to ``trainer.default_root_dir``
-            (``None``: no export; mode ``nm`` only; written by rank 0 once the ramp is complete).
-        export_dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``None`` (keep the model's).
-        targets, exclude, name: see :class:`~lightcook.callbacks.base.CompressionCallback`;
-            ``name`` also sets the config key used in errors (``compress.<name>``).
+        config: a :class:`~lightcook.ops.sparsity.NMConfig`; or give its fields as keyword
+            ``options`` instead (not both): ``mode`` (nm | unstructured), ``n``, ``m``, ``pattern``
+            (1d | 2d), ``sparsity``, ``scope`` (layer | global), ``criterion`` (magnitude | wanda),
+            ``calibration_batches``, ``start_step``, ``end_step``, ``ramp_every``,
+            ``recompute_every``, ``sr_ste_decay`` — each documented on the config.
+        targets, exclude, name, network: see :class:`~lightcook.callbacks.base.CompressionCallback`;
+            ``name`` also sets the config key used in errors (``compress.<name>``; the
+            ``unstructured`` preset uses ``name: unstructured``).
 
     Raises:
-        ValueError: in ``__init__``, an argument outside its allowed values (the message names
-            ``compress.<name>.<arg>`` and lists them); in ``setup``, a target pattern matching no
-            Linear, a targeted layer whose input (2-D pattern: also output) features are not
-            divisible by ``m``, or a layer another SparsityCallback already prunes.
+        ValueError: in ``__init__``, an option outside its allowed values or unknown (the message
+            names ``compress.<name>.<field>`` once), or both ``config`` and options; in ``setup``, a
+            target pattern matching no Linear, a targeted layer whose input (2-D pattern: also
+            output) features are not divisible by ``m``, a layer another SparsityCallback already
+            prunes, or a resumed checkpoint trained with other ``n`` / ``m`` / ... (the config's
+            ``SHAPE_FIELDS``).
         RuntimeError: criterion ``wanda`` with no training batches to calibrate on.
 
     Example:
         >>> cb = SparsityCallback(n=2, m=4, criterion="wanda", start_step=10, end_step=50)
-        >>> cb.config_key, cb.state["masks_computed"]
-        ('compress.prune', False)
+        >>> cb.config_key, cb.config.n, cb.state["masks_computed"]
+        ('compress.prune', 2, False)
+        >>> SparsityCallback(n=4, m=4)
+        Traceback (most recent call last):
+        ...
+        ValueError: compress.prune.n: N:M needs integers 1 <= n < m, got n=4, m=4
     """
 
+    technique = "prune"
     order = 30  # canonical order: after MoE splits (10) and gates (20), before fake-quant wraps (40)
+    config_class = NMConfig
 
     def __init__(
         self,
-        mode: str = "nm",
-        n: int = 2,
-        m: int = 4,
-        pattern: str = "1d",
-        sparsity: float | None = None,
-        scope: str = "layer",
-        criterion: str = "magnitude",
-        calibration_batches: int = 8,
-        start_step: int = 0,
-        end_step: int | None = None,
-        ramp_every: int = 1,
-        recompute_every: int = 0,
-        sr_ste_decay: float | None = None,
-        export_dir: str | None = None,
-        export_dtype: str | None = None,
+        config: NMConfig | None = None,
+        *,
         targets: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         name: str | None = None,
+        network: str | Callable[[nn.Module], nn.Module] | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(targets=targets, exclude=exclude, name=name)
-        self.config_key = f"compress.{name or 'prune'}"
-        self.mode, self.n, self.m, self.pattern = mode, n, m, pattern
-        self.sparsity = 0.5 if sparsity is None and mode == "unstructured" else sparsity
-        self.scope, self.criterion, self.calibration_batches = scope, criterion, calibration_batches
-        self.start_step, self.end_step, self.ramp_every = start_step, end_step, ramp_every
-        self.recompute_every, self.sr_ste_decay = recompute_every, sr_ste_decay
-        self.export_dir, self.export_dtype = export_dir, export_dtype
-        self._check_choices()
-        self._check_pattern_args(sparsity)
-        self._check_schedule_args()
-        self._check_export_args()
-        self.schedule = StepSchedule(start_step, end_step)
+        super().__init__(targets=targets, exclude=exclude, name=name, network=network)
+        self.config: NMConfig = self.configure(config, options)
+        self.schedule = StepSchedule(self.config.start_step, self.config.end_step)
         self.state = {
             "masks_computed": False,  # a mask has been computed (weights are being masked)
             "update": None,  # key of the last schedule update ("ramp:<k>" or "final:<k>")
@@ -212,154 +138,29 @@ class SparsityCallback(CompressionCallback):
             return {}
         return {name: self._root.get_submodule(name) for name in self._names}
 
-    # ------------------------------------------------------------------ argument checks
-
-    def _fail(self, arg: str, message: str) -> ValueError:
-        return ValueError(f"{self.config_key}.{arg}: {message}")
-
-    def _check_choices(self) -> None:
-        for arg, allowed in (
-            ("mode", MODES),
-            ("pattern", PATTERNS),
-            ("scope", SCOPES),
-            ("criterion", CRITERIA),
-        ):
-            if getattr(self, arg) not in allowed:
-                raise self._fail(arg, f"got {getattr(self, arg)!r}, allowed: {', '.join(allowed)}")
-        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
-            raise self._fail(
-                "calibration_batches", f"must be an integer >= 1, got {self.calibration_batches!r}"
-            )
-
-    def _check_pattern_args(self, sparsity: float | None) -> None:
-        if self.mode == "unstructured":
-            if not 0.0 <= self.sparsity < 1.0:
-                raise self._fail("sparsity", f"must lie in [0, 1), got {self.sparsity}")
-            if self.pattern != "1d":
-                raise self._fail("pattern", "'2d' (transposable N:M) needs mode='nm'; allowed here: 1d")
-            return
-        if sparsity is not None:
-            raise self._fail(
-                "sparsity", f"applies to mode='unstructured' only; N:M drops 1 - n/m (got {sparsity})"
-            )
-        if self.scope != "layer":
-            raise self._fail(
-                "scope", "N:M groups are local; 'global' needs mode='unstructured'; allowed: layer"
-            )
-        if not (isinstance(self.n, int) and isinstance(self.m, int) and self.m >= 2 and 1 <= self.n < self.m):
-            raise self._fail("n", f"N:M needs integers 1 <= n < m, got n={self.n}, m={self.m}")
-        if self.pattern == "2d" and self.m > MAX_TRANSPOSABLE_M:
-            raise self._fail("m", f"pattern '2d' supports m <= {MAX_TRANSPOSABLE_M}, got m={self.m}")
-
-    def _check_schedule_args(self) -> None:
-        if not isinstance(self.start_step, int) or self.start_step < 0:
-            raise self._fail("start_step", f"must be an integer >= 0, got {self.start_step!r}")
-        if self.end_step is not None and (
-            not isinstance(self.end_step, int) or self.end_step < self.start_step
-        ):
-            raise self._fail(
-                "end_step",
-                f"must be null or an integer >= start_step ({self.start_step}), got {self.end_step!r}",
-            )
-        if not isinstance(self.ramp_every, int) or self.ramp_every < 1:
-            raise self._fail("ramp_every", f"must be an integer >= 1, got {self.ramp_every!r}")
-        if not isinstance(self.recompute_every, int) or self.recompute_every < 0:
-            raise self._fail(
-                "recompute_every", f"must be an integer >= 0 (0: never), got {self.recompute_every!r}"
-            )
-        if self.sr_ste_decay is not None and not self.sr_ste_decay >= 0:
-            raise self._fail("sr_ste_decay", f"must be null (off) or >= 0, got {self.sr_ste_decay}")
-
-    def _check_export_args(self) -> None:
-        if self.export_dtype is not None and self.export_dtype not in EXPORT_DTYPES:
-            raise self._fail(
-                "export_dtype", f"got {self.export_dtype!r}, allowed: null, {', '.join(EXPORT_DTYPES)}"
-            )
-        if self.export_dir is None:
-            return
-        if self.mode != "nm":
-            raise self._fail(
-                "export_dir", "the packed export stores N:M layers; set it to null for mode='unstructured'"
-            )
-        if self.m > _MAX_EXPORT_M:
-            raise self._fail(
-                "export_dir", f"packed export supports m <= {_MAX_EXPORT_M}, got m={self.m}; set it to null"
-            )
-
     # ------------------------------------------------------------------ structure
 
     @override
     def prepare_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
         selected = self.select(pl_module)
-        self._names, self._root = list(selected), target_model(pl_module)
         for name, module in selected.items():
-            self._check_shape(name, module)
             self._claim(name, module)
-            if MASK not in module._buffers:
-                module.register_buffer(MASK, torch.ones_like(dense_weight(module), dtype=torch.bool))
-        self._attach_sr_ste()
+        self._root = self.network(pl_module)
+        self.named(prepare_, self._root, self.config, selected)
+        self._names = list(selected)
 
     @override
     def export_options(self) -> dict[str, Any]:
-        return {"nm": (self.n, self.m)} if self.mode == "nm" else {}
+        return {"nm": (self.config.n, self.config.m)} if self.config.mode == "nm" else {}
 
     @override
-    def check_with(self, others: Sequence[CompressionCallback], model: nn.Module) -> None:
-        from lightcook.callbacks.moefication import MoEficationCallback
-        from lightcook.callbacks.quantization import QuantizationCallback
-        from lightcook.callbacks.structured_pruning import StructuredPruningCallback
-
-        for other in others:
-            if isinstance(other, QuantizationCallback) and self.sr_ste_decay is not None:
-                raise self.conflict(
-                    other,
-                    "SR-STE (sr_ste_decay) parametrizes the Linear weight, and fake-quant replaces the Linear, "
-                    "so SR-STE would silently do nothing; use hard masks (sr_ste_decay: null) with quantization",
-                )
-            if self.mode != "nm":
-                continue
-            if isinstance(other, MoEficationCallback) and self.start_step < other.split_step:
-                raise self.conflict(
-                    other,
-                    f"N:M masks from step {self.start_step} would be scrambled by the expert split at step "
-                    f"{other.split_step} (it permutes the down projection's input columns); set "
-                    f"{self.config_key}.start_step >= {other.config_key}.split_step",
-                )
-            if isinstance(other, StructuredPruningCallback):
-                self._check_slicing_keeps_groups(other, model)
-
-    def _check_slicing_keeps_groups(self, structured: CompressionCallback, model: nn.Module) -> None:
-        """Slicing must remove whole groups of ``m`` input columns, or the export loses the N:M pattern."""
-        if "neurons" in structured.units:
-            raise self.conflict(
-                structured,
-                "slicing single FFN neurons removes single input columns of the down projection and breaks "
-                f"its {self.n}:{self.m} groups; drop 'neurons' from {structured.config_key}.units "
-                "(heads and whole blocks are fine) or use mode: unstructured",
-            )
-        config = getattr(model, "config", None)
-        heads = getattr(config, "num_attention_heads", None)
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None
-        )
-        if "heads" in structured.units and head_dim and head_dim % self.m:
-            raise self.conflict(
-                structured,
-                f"the head width {head_dim} is not a multiple of m={self.m}, so removing a head breaks the "
-                f"output projection's {self.n}:{self.m} groups; drop 'heads' from {structured.config_key}.units",
-            )
-
-    def _check_shape(self, name: str, module: nn.Module) -> None:
-        if self.mode != "nm":
-            return
-        out_f, in_f = as_out_in(dense_weight(module), module).shape
-        hint = f"exclude it with {self.config_key}.exclude or choose another m"
-        if in_f % self.m:
-            raise self._fail("m", f"{name} has {in_f} input features, not divisible by m={self.m}; {hint}")
-        if self.pattern == "2d" and out_f % self.m:
-            raise self._fail(
-                "m", f"{name} has {out_f} output features, not divisible by m={self.m} (pattern 2d); {hint}"
-            )
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.config.to_dict(),
+            "layers": len(self._names),
+            "reached_sparsity": self.state["sparsity"],
+            "complete": self.complete,
+        }
 
     def _claim(self, name: str, module: nn.Module) -> None:
         """One sparsity callback per layer: a second one would share (and fight over) its mask."""
@@ -369,27 +170,13 @@ class SparsityCallback(CompressionCallback):
                 f"{self.config_key}.targets: {name} is already pruned by {owner}; give the two "
                 f"callbacks disjoint targets ({self.config_key}.exclude) or select only one"
             )
-        module._lightcook_sparsity_owner = self.config_key
+        module._lightcook_sparsity_owner = self.config_key  # type: ignore[assignment]  # torch types only Tensor/Module
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._attach_sr_ste()  # again, for a second fit after the first one folded it
-
-    def _attach_sr_ste(self) -> None:
-        """With SR-STE, parametrize every targeted weight so ``module.weight`` is ``w * mask``."""
-        if self.sr_ste_decay is None:
-            return
-        for module in self.layers.values():
-            if not parametrize.is_parametrized(module, "weight"):
-                parametrize.register_parametrization(module, "weight", _SRSTEMask(module, self.sr_ste_decay))
-
-    def _fold_sr_ste(self) -> None:
-        """Replace every SR-STE parametrization by its value ``w * mask`` (same Parameter object)."""
-        for module in self.layers.values():
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            attach_sr_ste_(self.layers, self.config)  # again, for a second fit after the first one folded it
 
     # ------------------------------------------------------------------ schedule
 
@@ -398,13 +185,14 @@ class SparsityCallback(CompressionCallback):
 
         Keys name step ranges, so a step count that jumps (several optimizers) still hits them.
         """
-        if step < self.start_step:
+        cfg = self.config
+        if step < cfg.start_step:
             return None
-        final_from = self.start_step if self.end_step is None else self.end_step
+        final_from = cfg.start_step if cfg.end_step is None else cfg.end_step
         if step < final_from:
-            bucket = (step - self.start_step) // self.ramp_every
-            return f"ramp:{bucket}", self.schedule.progress(self.start_step + bucket * self.ramp_every)
-        bucket = (step - final_from) // self.recompute_every if self.recompute_every else 0
+            bucket = (step - cfg.start_step) // cfg.ramp_every
+            return f"ramp:{bucket}", self.schedule.progress(cfg.start_step + bucket * cfg.ramp_every)
+        bucket = (step - final_from) // cfg.recompute_every if cfg.recompute_every else 0
         return f"final:{bucket}", 1.0
 
     @property
@@ -462,40 +250,17 @@ class SparsityCallback(CompressionCallback):
         Raises:
             RuntimeError: criterion ``wanda`` and no calibration batch.
         """
-        norms = self._input_sq_norms(pl_module, trainer, batches) if self.criterion == "wanda" else {}
-        scores = {name: self._score(mod, norms.get(name)) for name, mod in self.layers.items()}  # (out, in)
-        final = self._final_masks(scores)
-        for name, module in self.layers.items():
-            mask = final[name] if fraction >= 1.0 else ramp_mask(scores[name], final[name], fraction)
-            as_out_in(getattr(module, MASK), module).copy_(mask)
-        self.apply_masks()
-
-    def _score(self, module: nn.Module, sq_norm: Tensor | None) -> Tensor:
-        weight = as_out_in(dense_weight(module).detach(), module)  # (out, in)
-        return weight.abs().float() if sq_norm is None else wanda_scores(weight, sq_norm)
-
-    def _final_masks(self, scores: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.mode == "unstructured":
-            if self.scope == "global":
-                return global_unstructured_masks(scores, self.sparsity)
-            return {name: unstructured_mask(s, self.sparsity) for name, s in scores.items()}
-        select = nm_mask_transposable if self.pattern == "2d" else nm_mask
-        return {name: select(s, self.n, self.m) for name, s in scores.items()}
+        wanda = self.config.criterion == "wanda"
+        norms = self._input_sq_norms(pl_module, trainer, batches) if wanda else None
+        compute_masks_(self.layers, self.config, fraction, norms)
 
     def apply_masks(self) -> None:
         """Zero every masked weight in place (no-op with SR-STE: the forward pass masks instead)."""
-        if self.sr_ste_decay is not None:
-            return
-        with torch.no_grad():
-            for module in self.layers.values():
-                # w * mask: exact zeros for finite weights, ~6x faster on CPU than ops' apply_mask_
-                # (masked_fill_ with ~mask), which matters as this runs after every optimizer step
-                module.weight.mul_(getattr(module, MASK))
+        apply_masks_(self.layers)
 
     def sparsity_now(self) -> float:
         """Fraction of targeted weights currently masked out."""
-        masks = [getattr(module, MASK) for module in self.layers.values()]
-        return 1.0 - sum(int(mk.sum()) for mk in masks) / max(1, sum(mk.numel() for mk in masks))
+        return sparsity_of(self.layers)
 
     @override
     def after_optimizer_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -508,19 +273,8 @@ class SparsityCallback(CompressionCallback):
         self, pl_module: LightningModule, trainer: Trainer | None, batches: Iterable | None
     ) -> dict[str, Tensor]:
         """Per-layer ``sum ||x_j||^2`` over the calibration batches, summed over ranks."""
-        accs = {
-            name: InputNormAccumulator(as_out_in(dense_weight(mod), mod).shape[1], dense_weight(mod).device)
-            for name, mod in self.layers.items()
-        }
-        handles = [
-            mod.register_forward_pre_hook(lambda _m, args, acc=accs[name]: acc.add(args[0]))
-            for name, mod in self.layers.items()
-        ]
-        try:
+        with record_input_norms(self.layers) as accs:
             self._calibrate(pl_module, trainer, batches)
-        finally:
-            for handle in handles:
-                handle.remove()
         for acc in accs.values():
             all_reduce_(acc.sum_sq, trainer)
         return {name: acc.sq_norm for name, acc in accs.items()}
@@ -528,55 +282,36 @@ class SparsityCallback(CompressionCallback):
     def _calibrate(
         self, pl_module: LightningModule, trainer: Trainer | None, batches: Iterable | None
     ) -> None:
-        """Forward ``calibration_batches`` batches in eval mode, without touching the global RNG."""
-        source = self._training_batches(trainer) if batches is None else batches
+        """Forward ``calibration_batches`` batches through the network in eval mode (the global RNG
+        untouched; seeded with the step, so a resumed run sees the same batches)."""
+        network, count = self.network(pl_module), self.config.calibration_batches
+        if batches is None:
+            step = trainer.global_step if trainer is not None else 0
+            source: Iterable = calibration_batches(
+                trainer, count, f"{self.config_key}.criterion='wanda'", seed=step
+            )
+        else:
+            device = next((p.device for p in network.parameters()), torch.device("cpu"))
+            source = (move_data_to_device(b, device) for _, b in zip(range(count), batches))
         context = trainer.precision_plugin.forward_context() if trainer else contextlib.nullcontext()
         seen = 0
-        with torch.random.fork_rng(devices=[]), eval_mode(pl_module), context:
-            torch.manual_seed(trainer.global_step if trainer else 0)  # same batches after a resume
-            for batch in itertools.islice(source, self.calibration_batches):
-                batch = (
-                    trainer.strategy.batch_to_device(batch)
-                    if trainer
-                    else move_data_to_device(batch, pl_module.device)
-                )
-                pl_module(**batch) if isinstance(batch, Mapping) else pl_module(batch)
+        with eval_mode(network), context:
+            for batch in source:
+                network(**batch) if isinstance(batch, Mapping) else network(batch)
                 seen += 1
         if not seen:
             raise RuntimeError(
                 f"{self.config_key}.criterion='wanda': no calibration batch (empty dataloader)"
             )
 
-    def _training_batches(self, trainer: Trainer | None) -> Iterable:
-        loader = first_loader(trainer.train_dataloader) if trainer is not None else None
-        if loader is None:
-            raise RuntimeError(
-                f"{self.config_key}.criterion='wanda' needs training batches to calibrate on; none "
-                "available (outside Trainer.fit pass compute_masks(batches=...))"
-            )
-        return calibration_source(loader)
-
-    # ------------------------------------------------------------------ fit end: fold, export
+    # ------------------------------------------------------------------ fit end
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._fold_sr_ste()
-        if self.export_dir is None or not trainer.is_global_zero:
-            return
-        if not self.complete:
+        convert_(self.network(pl_module))  # fold SR-STE: the weights are w * mask from here on
+        if self._names and not self.complete:
             rank_zero_warn(
-                f"{self.config_key}: the N:M ramp is not complete at step {trainer.global_step} "
-                f"(end_step={self.end_step}); no export written"
+                f"{self.config_key}: the full sparsity pattern was not reached by step {trainer.global_step} "
+                f"(start_step={self.config.start_step}, end_step={self.config.end_step}): the masks drop "
+                f"{self.state['sparsity']:.1%} of the targeted weights"
             )
-            return
-        self.exports["sparse"] = str(self.export(trainer, pl_module))
-
-    def export(self, trainer: Trainer, pl_module: LightningModule) -> Path:
-        """Write the packed N:M export to ``export_dir`` (relative to ``trainer.default_root_dir``)."""
-        from lightcook.export.sparse import export_sparse
-
-        path = Path(self.export_dir)
-        if not path.is_absolute():
-            path = Path(trainer.default_root_dir) / path
-        dtype = EXPORT_DTYPES.get(self.export_dtype) if self.export_dtype else None
-        return export_sparse(target_model(pl_module), path, self.n, self.m, dtype=dtype)

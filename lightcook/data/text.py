@@ -18,7 +18,7 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -168,10 +168,10 @@ class _CorpusDataModule(LightningDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.num_workers = num_workers
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
+        self.train_set: TensorDictDataset | None = None
+        self.val_set: TensorDictDataset | None = None
 
-    def _build(self, docs: list[str], split: str) -> Dataset:
+    def _build(self, docs: list[str], split: str) -> TensorDictDataset:
         raise NotImplementedError
 
     @override
@@ -193,7 +193,7 @@ class _CorpusDataModule(LightningDataModule):
             self.setup()
             dataset = self.train_set if shuffle else self.val_set
         return DataLoader(
-            dataset,
+            cast(Dataset, dataset),  # setup() built both splits
             batch_size=batch_size,
             shuffle=shuffle,
             drop_last=shuffle,
@@ -235,7 +235,7 @@ class TextDataModule(_CorpusDataModule):
         self.block_size = block_size
 
     @override
-    def _build(self, docs: list[str], split: str) -> Dataset:
+    def _build(self, docs: list[str], split: str) -> TensorDictDataset:
         key = {
             "kind": "causal-blocks",
             "docs": _digest(docs),
@@ -282,7 +282,7 @@ class Seq2SeqDataModule(_CorpusDataModule):
         self.target_length = target_length
 
     @override
-    def _build(self, docs: list[str], split: str) -> Dataset:
+    def _build(self, docs: list[str], split: str) -> TensorDictDataset:
         key = {
             "kind": "next-line",
             "docs": _digest(docs),

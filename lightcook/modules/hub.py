@@ -22,7 +22,6 @@ from lightcook.io import atomic_dir
 
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_MODELS = (SMOLLM2,)
 
 
 def cache_dir() -> Path:

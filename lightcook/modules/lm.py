@@ -15,9 +15,10 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
@@ -87,7 +88,7 @@ class LMModule(LightningModule):
                 raise ValueError("model.config: needs a 'model_type' key (e.g. llama, gpt2, t5)")
             model_type = config.pop("model_type")
             return auto.from_config(transformers.AutoConfig.for_model(model_type, **config))
-        path = resolve_model_path(name_or_path)
+        path = resolve_model_path(cast(str, name_or_path))  # __init__ checked: one source given
         try:
             return auto.from_pretrained(path, dtype=torch.float32)
         except OSError as err:
@@ -114,7 +115,11 @@ class LMModule(LightningModule):
         return self.model(**batch)
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Any]:
-        """Task loss and model outputs for one batch; distillation and other techniques wrap this."""
+        """Task loss and model outputs for one batch (the training and validation steps use it).
+
+        Compression callbacks do not need it: their loss terms are added to whatever
+        ``training_step`` returns, with the network's outputs captured by a forward hook.
+        """
         outputs = self.model(**self.mask_padding(batch))
         return outputs.loss, outputs
 
@@ -144,8 +149,9 @@ class LMModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        decay, no_decay = [], []
+        hp = cast(AttributeDict, self.hparams)  # save_hyperparameters() stores an AttributeDict
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for param in self.parameters():
             if param.requires_grad:
                 (

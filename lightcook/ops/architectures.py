@@ -33,9 +33,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -183,7 +183,7 @@ def _zero_attention(_module: nn.Module) -> nn.Module:
     return ZeroAttention()
 
 
-def _resize_gpt2(attn: nn.Module, kept_heads: list[int]) -> None:
+def _resize_gpt2(attn: Any, kept_heads: list[int]) -> None:  # a GPT2Attention
     attn.num_heads = len(kept_heads)
     attn.split_size = len(kept_heads) * attn.head_dim
 
@@ -192,10 +192,10 @@ def _resize_t5(attn: nn.Module, kept_heads: list[int]) -> None:
     pruned_t5_attention_class().convert(attn, kept_heads)
 
 
-_PRUNED_T5: list[type] = []
+_PRUNED_T5: list[type[Any]] = []
 
 
-def pruned_t5_attention_class() -> type:
+def pruned_t5_attention_class() -> type[Any]:
     """``PrunedT5Attention``: a ``T5Attention`` that keeps only some heads (built on first use so that
     importing this module does not import T5).
 
@@ -213,7 +213,7 @@ def pruned_t5_attention_class() -> type:
             full_heads: int
 
             @classmethod
-            def convert(cls, attn: nn.Module, kept: list[int]) -> None:
+            def convert(cls, attn: Any, kept: list[int]) -> None:  # a T5Attention
                 """Turn ``attn`` (projections already cut to ``kept``) into a pruned module in place."""
                 previous = list(getattr(attn, "kept_heads", range(attn.n_heads)))
                 attn.full_heads = getattr(attn, "full_heads", attn.n_heads)
@@ -312,7 +312,7 @@ _GPT2 = Architecture(
     zero_attention=_zero_attention,
 )
 
-_T5_ATTN = {
+_T5_ATTN: dict[str, Any] = {
     "q": "q",
     "k": "k",
     "v": "v",
@@ -437,7 +437,7 @@ def architecture_from_dict(spec: Mapping[str, Any], key: str = "architecture") -
     ffn = _layouts(spec, "ffn", FFNLayout, stack.ffn if stack else (), key)
     new_stack = StackLayout(
         name="decoder",
-        layers=spec.get("layers") or stack.layers,
+        layers=spec.get("layers") or cast(StackLayout, stack).layers,  # checked above
         attention=attention,
         ffn=ffn,
         num_layers_key=spec.get("num_layers_key", stack.num_layers_key if stack else None),
@@ -530,7 +530,7 @@ class Block:
         """
         if self.kind != FFN:
             raise ValueError(f"{self.name} is an attention block, not an FFN")
-        module, layout = self.module, self.layout
+        module, layout = self.module, cast(FFNLayout, self.layout)
         inputs = [module.get_submodule(name) for name in layout.inputs]
         return {
             "inputs": inputs,
@@ -554,7 +554,7 @@ class Block:
 
 def linear_dims(module: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, has_bias)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
-    weight = module.weight
+    weight = cast(Tensor, module.weight)
     n_in, n_out = (
         (weight.shape[0], weight.shape[1]) if is_conv1d(module) else (weight.shape[1], weight.shape[0])
     )
@@ -591,7 +591,7 @@ def iter_layers(model: nn.Module, arch: Architecture) -> Iterator[tuple[StackLay
                 f"architecture {arch.name!r}: the model has no layer list at {stack.layers!r} "
                 f"({type(model).__name__}); pass a matching architecture mapping"
             )
-        for i, layer in enumerate(model.get_submodule(stack.layers)):
+        for i, layer in enumerate(cast(Iterable[nn.Module], model.get_submodule(stack.layers))):
             yield stack, i, f"{stack.layers}.{i}", layer
 
 
@@ -611,13 +611,13 @@ def resolve_blocks(model: nn.Module, arch: Architecture) -> list[Block]:
             block = _attention_block(model, stack, index, layer_path, layout)
             if block is not None:
                 blocks.append(block)
-        layout = next((f for f in stack.ffn if _ffn_present(layer, f)), None)
-        if layout is None and stack.ffn and not any(_is_zero_ffn(layer, f) for f in stack.ffn):
+        ffn_layout = next((f for f in stack.ffn if _ffn_present(layer, f)), None)
+        if ffn_layout is None and stack.ffn and not any(_is_zero_ffn(layer, f) for f in stack.ffn):
             raise ValueError(
                 f"architecture {arch.name!r}: {layer_path} has no FFN like {stack.ffn[0].path!r}"
             )
-        if layout is not None:
-            blocks.append(_ffn_block(model, stack, index, layer_path, layout))
+        if ffn_layout is not None:
+            blocks.append(_ffn_block(model, stack, index, layer_path, ffn_layout))
     return blocks
 
 
@@ -712,3 +712,59 @@ def check_architecture_arg(architecture: str | Mapping[str, Any] | Architecture 
             f"{key}: expected null, a layout name or a mapping, got {type(architecture).__name__}"
         )
     return architecture
+
+
+def find_blocks(
+    network: nn.Module,
+    architecture: str | Mapping[str, Any] | Architecture | None = None,
+    kind: str | None = None,
+    where: str = "",
+) -> tuple[Architecture, list[Block]]:
+    """The layout of ``network`` and its blocks (only those of ``kind``, ``attention`` / ``ffn``, when given).
+
+    The one lookup the structured-pruning and MoEfication transforms share. Errors start with the
+    field (``architecture: ...``) so a caller can prefix its config key once; ``where`` (a phrase
+    saying where the network was found and how to point elsewhere) is appended to each of them.
+
+    Args:
+        network: the network to compress.
+        architecture: as for :func:`get_architecture`.
+        kind: keep only the blocks of this kind.
+        where: context for error messages (e.g. ``looked in MyModule.backbone (LlamaForCausalLM); set
+            compress.moe.network to point elsewhere``).
+
+    Raises:
+        ValueError: unknown layout, a layer list or block the layout names is missing, or no block of
+            ``kind``.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> net = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        >>> arch, blocks = find_blocks(net, kind=FFN)
+        >>> arch.name, [b.name for b in blocks]
+        ('llama', ['model.layers.0.mlp', 'model.layers.1.mlp'])
+        >>> find_blocks(nn.Linear(2, 2), where="looked in Demo (Linear)")
+        Traceback (most recent call last):
+        ...
+        ValueError: architecture: Linear (model_type=None) has no known layout; ... [looked in Demo (Linear)]
+    """
+    suffix = f" [{where}]" if where else ""
+    try:
+        arch = get_architecture(network, architecture, key="architecture")
+        blocks = resolve_blocks(network, arch)
+    except ValueError as err:
+        message = str(err)
+        if message.startswith("architecture "):  # "architecture 'llama': ..." from resolve_blocks
+            message = "architecture: layout " + message.removeprefix("architecture ")
+        elif not message.startswith("architecture:"):
+            message = f"architecture: {message}"
+        raise ValueError(message + suffix) from None
+    if kind is not None:
+        blocks = [b for b in blocks if b.kind == kind]
+    if not blocks:
+        raise ValueError(
+            f"architecture: layout {arch.name!r} finds no {kind or 'block'} in {type(network).__name__}; "
+            f"give a mapping with {'ffn' if kind == FFN else 'attention/ffn'!r}{suffix}"
+        )
+    return arch, blocks

@@ -35,13 +35,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from lightcook.ops.architectures import BLOCK_GATE, BLOCK_UNIT, Block, linear_dims
+from lightcook.ops.architectures import (
+    BLOCK_GATE,
+    BLOCK_UNIT,
+    UNIT_KINDS,
+    Architecture,
+    Block,
+    check_architecture_arg,
+    find_blocks,
+    layer_parameter_count,
+    linear_dims,
+)
+from lightcook.ops.config import TechniqueConfig, check_choice, check_int, check_number
+from lightcook.ops.names import GATES
 
 BLOCK_KINDS = tuple(BLOCK_GATE.values())  # ("attention_layers", "ffn_layers")
 
@@ -65,6 +78,8 @@ class HardConcreteGate(nn.Module):
             ``γ < 0 < 1 < ζ``.
     """
 
+    log_alpha: nn.Parameter
+
     def __init__(
         self,
         n: int,
@@ -80,7 +95,7 @@ class HardConcreteGate(nn.Module):
         self.beta, self.limit_l, self.limit_r = beta, limit_l, limit_r
         init = math.log(1 - droprate_init) - math.log(droprate_init)
         self.log_alpha = nn.Parameter(torch.full((n,), init))
-        self.log_alpha._no_weight_decay = True  # read by the modules' configure_optimizers
+        self.log_alpha._no_weight_decay = True  # type: ignore[attr-defined]  # read by the modules' configure_optimizers
 
     def prob_nonzero(self) -> Tensor:
         """``P(z ≠ 0)`` per gate, differentiable in ``log_alpha``; shape ``(n,)``."""
@@ -120,19 +135,26 @@ class HardConcreteGate(nn.Module):
 
 
 def check_gate_args(droprate_init: float, beta: float, limit_l: float, limit_r: float, key: str = "") -> None:
-    """Validate hard-concrete hyperparameters; errors are prefixed with ``key``.
+    """Validate hard-concrete hyperparameters; errors read ``<key>.<field>: ...`` (``<field>: ...``
+    without ``key``).
 
     Raises:
         ValueError: ``droprate_init`` outside (0, 1), ``beta <= 0``, or not ``limit_l < 0 < 1 < limit_r``.
+
+    Example:
+        >>> check_gate_args(0.5, 0.0, -0.1, 1.1)
+        Traceback (most recent call last):
+        ...
+        ValueError: beta: must be > 0, got 0.0
     """
     prefix = f"{key}." if key else ""
     if not 0 < droprate_init < 1:
-        raise ValueError(f"{prefix}droprate_init must lie in (0, 1), got {droprate_init}")
+        raise ValueError(f"{prefix}droprate_init: must lie in (0, 1), got {droprate_init}")
     if not beta > 0:
-        raise ValueError(f"{prefix}beta must be > 0, got {beta}")
+        raise ValueError(f"{prefix}beta: must be > 0, got {beta}")
     if not (limit_l < 0 and limit_r > 1):
         raise ValueError(
-            f"{prefix}limit_l/limit_r must satisfy limit_l < 0 < 1 < limit_r, got ({limit_l}, {limit_r})"
+            f"{prefix}limit_l: limit_l/limit_r must satisfy limit_l < 0 < 1 < limit_r, got ({limit_l}, {limit_r})"
         )
 
 
@@ -170,6 +192,10 @@ class AdamMoments(nn.Module):
         >>> [round(v, 4) for v in p.detach().tolist()]
         [-0.1, -0.1, -0.1]
     """
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    steps: Tensor
 
     def __init__(self, shape: torch.Size | tuple[int, ...]) -> None:
         super().__init__()
@@ -255,6 +281,10 @@ class GateSet(nn.Module):
         droprate_init, beta, limit_l, limit_r: see :class:`HardConcreteGate`.
     """
 
+    draws: Tensor
+    frozen: Tensor
+    architecture: Architecture  # set by prepare_
+
     def __init__(
         self,
         blocks: list[GatedBlock],
@@ -287,6 +317,14 @@ class GateSet(nn.Module):
         self._handles: list = []
         self._hooked: dict[str, nn.Module] = {}
 
+    def _gate_map(self) -> Mapping[str, HardConcreteGate]:
+        """``self.gates`` typed as the gates it holds (a view for the type checker, no copy)."""
+        return cast("Mapping[str, HardConcreteGate]", self.gates)
+
+    def _moment_map(self) -> Mapping[str, AdamMoments]:
+        """``self.moments`` typed as the moments it holds (no copy)."""
+        return cast("Mapping[str, AdamMoments]", self.moments)
+
     # ---------------------------------------------------------------- gate values
 
     def refresh(self) -> None:
@@ -300,7 +338,7 @@ class GateSet(nn.Module):
 
     def _sample(self) -> dict[str, Tensor]:
         values = {}
-        for i, (kind, gate) in enumerate(self.gates.items()):
+        for i, (kind, gate) in enumerate(self._gate_map().items()):
             device = gate.log_alpha.device
             generator = torch.Generator(device=device)
             generator.manual_seed(((self.seed * 1_000_003 + int(self.draws)) * 64 + i) * 4099 + self.rank)
@@ -317,9 +355,11 @@ class GateSet(nn.Module):
         of *effective* units ``round(Σ_i P_i · P_block(i))`` is kept, chosen among the units of
         blocks that stay, so the sliced size tracks the expected size.
         """
-        values = {kind: gate.deterministic() for kind, gate in self.gates.items() if kind in BLOCK_KINDS}
-        probs = {kind: gate.prob_nonzero() for kind, gate in self.gates.items()}
-        for kind, gate in self.gates.items():
+        values = {
+            kind: gate.deterministic() for kind, gate in self._gate_map().items() if kind in BLOCK_KINDS
+        }
+        probs = {kind: gate.prob_nonzero() for kind, gate in self._gate_map().items()}
+        for kind, gate in self._gate_map().items():
             if kind in BLOCK_KINDS:
                 continue
             weight, eligible = self._unit_weights(kind, probs, values)
@@ -344,7 +384,7 @@ class GateSet(nn.Module):
 
     def probabilities(self) -> dict[str, Tensor]:
         """``P(z ≠ 0)`` per kind, differentiable."""
-        return {kind: gate.prob_nonzero() for kind, gate in self.gates.items()}
+        return {kind: gate.prob_nonzero() for kind, gate in self._gate_map().items()}
 
     def block_factors(
         self, block: GatedBlock, values: dict[str, Tensor]
@@ -378,7 +418,7 @@ class GateSet(nn.Module):
         device = self._device()
         self._probe = {
             kind: torch.ones(gate.log_alpha.shape, device=device, requires_grad=True)
-            for kind, gate in self.gates.items()
+            for kind, gate in self._gate_map().items()
         }
         try:
             yield self._probe
@@ -398,7 +438,7 @@ class GateSet(nn.Module):
         for kind, score in scores.items():
             if kind not in self.gates:
                 raise ValueError(f"no {kind!r} gates here; gated kinds: {list(self.gates)}")
-            log_alpha = self.gates[kind].log_alpha
+            log_alpha = self._gate_map()[kind].log_alpha
             if score.shape != log_alpha.shape:
                 raise ValueError(f"{kind}: {tuple(score.shape)} scores for {tuple(log_alpha.shape)} gates")
             n = log_alpha.numel()
@@ -410,7 +450,7 @@ class GateSet(nn.Module):
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The ``log_alpha`` of every kind."""
-        return [gate.log_alpha for gate in self.gates.values()]
+        return [gate.log_alpha for gate in self._gate_map().values()]
 
     def lambda_parameters(self) -> list[nn.Parameter]:
         """The Lagrange multipliers ``lambda_1``, ``lambda_2``."""
@@ -419,10 +459,10 @@ class GateSet(nn.Module):
     @torch.no_grad()
     def step_(self, gate_lr: float, lambda_lr: float) -> None:
         """Adam step of the gates and multipliers from their gradients, then clear the gradients."""
-        for kind, gate in self.gates.items():
-            self.moments[kind].step_(gate.log_alpha, gate_lr)
-        self.moments["lambda_1"].step_(self.lambda_1, lambda_lr)
-        self.moments["lambda_2"].step_(self.lambda_2, lambda_lr)
+        for kind, gate in self._gate_map().items():
+            self._moment_map()[kind].step_(gate.log_alpha, gate_lr)
+        self._moment_map()["lambda_1"].step_(self.lambda_1, lambda_lr)
+        self._moment_map()["lambda_2"].step_(self.lambda_2, lambda_lr)
         self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
@@ -431,9 +471,9 @@ class GateSet(nn.Module):
         momentum (first moment) dropped, so it cannot carry them on past the target; their second
         moment stays, so the next gate steps are small rather than a full ``lr`` each."""
         self.lambda_1.zero_()
-        self.moments["lambda_1"].reset_()
+        self._moment_map()["lambda_1"].reset_()
         for kind in self.gates:
-            self.moments[kind].exp_avg.zero_()
+            self._moment_map()[kind].exp_avg.zero_()
 
     # ---------------------------------------------------------------- sizes
 
@@ -448,6 +488,8 @@ class GateSet(nn.Module):
         total = torch.zeros((), dtype=torch.float64, device=self._device())
         for block in self.blocks:
             units, scale = self._block_probs(block, probs)
+            any_open: Tensor | float
+            open_units: Tensor | float
             if units is None:
                 any_open, open_units = 1.0, float(block.units)
             else:
@@ -465,7 +507,7 @@ class GateSet(nn.Module):
             units = probs[BLOCK_UNIT[block.kind]][
                 block.unit_offset : block.unit_offset + block.units
             ].double()
-        scale = 1.0
+        scale: Tensor | float = 1.0
         if block.block_index is not None:
             scale = probs[BLOCK_GATE[block.kind]][block.block_index].double()
         return units, scale
@@ -536,7 +578,7 @@ def attach_gates(
     units: list[str] | tuple[str, ...],
     layer_params: int,
     attribute: str = "lightcook_gates",
-    **gate_args: float,
+    **gate_args: Any,
 ) -> GateSet:
     """Create a :class:`GateSet` for ``blocks``, register it as ``model.<attribute>`` and hook it in.
 
@@ -600,3 +642,263 @@ def _gated_blocks(blocks: list[Block], enabled: set[str]) -> tuple[list[GatedBlo
             )
         )
     return gated, sizes
+
+
+# --------------------------------------------------------------------------- configuration and transforms
+
+#: What structured pruning may remove by default: heads, FFN neurons and whole attention/FFN blocks.
+DEFAULT_UNITS = ("heads", "neurons", "attention_layers", "ffn_layers")
+#: Gate initialisations: every gate alike, or ordered by first-order importance on calibration batches.
+INITS = ("uniform", "taylor")
+
+
+@dataclass(frozen=True)
+class StructuredConfig(TechniqueConfig):
+    """Structured pruning with hard-concrete gates and a Lagrangian size constraint (CoFi-style).
+
+    Sparsity counts the parameters inside the transformer layers (everything but embeddings, LM
+    head and final norms): ``1 − size / dense size``. Each field: default, meaning, allowed values.
+
+    Raises:
+        ValueError: a field outside its allowed values, ``<field>: ... allowed/got ...`` (the callback
+            prefixes ``compress.structured.``).
+
+    Example:
+        >>> StructuredConfig(target_sparsity=0.3, units=["neurons"]).units
+        ('neurons',)
+        >>> StructuredConfig(units=["hidden"])
+        Traceback (most recent call last):
+        ...
+        ValueError: units: 'hidden' (hidden-dimension pruning) is not implemented; allowed: attention_layers, ffn_layers, heads, neurons
+    """
+
+    SHAPE_FIELDS = ("units", "architecture")
+
+    #: 0.5 — fraction of the layer parameters to remove, strictly between 0 and 1.
+    target_sparsity: float = 0.5
+    #: all four — what may be pruned, any of ``heads`` (a KV head with its query heads), ``neurons``
+    #: (FFN intermediate neurons: gate/up rows and down columns together), ``attention_layers`` and
+    #: ``ffn_layers`` (a whole attention / FFN block of a layer). Hidden-dimension pruning: not implemented.
+    units: tuple[str, ...] = DEFAULT_UNITS
+    #: 0 — optimizer step where the target starts rising from 0 (integer >= 0).
+    start_step: int = 0
+    #: 100 — optimizer step where the target reaches ``target_sparsity`` (integer >= ``start_step``).
+    end_step: int = 100
+    #: 0.5 — Adam learning rate of the gate logits, stepped by the callback (> 0); ``None``: the gates
+    #: stay with the module's optimizer, learning rate and schedule.
+    gate_lr: float | None = 0.5
+    #: 50.0 — Adam learning rate of the multipliers (> 0; ``None``: ``gate_lr``). Large: a single gate's
+    #: share of the expected size is tiny (SmolLM2: ~1.7e-7 per neuron), so the multipliers must grow to
+    #: ~10³ before the constraint outweighs the task loss (docs/benchmarks.md).
+    lambda_lr: float | None = 50.0
+    #: 0.05 — initial drop rate of every gate, in (0, 1): ``log_alpha = log((1−d)/d)``.
+    droprate_init: float = 0.05
+    #: ``"taylor"`` — gate initialisation: ``taylor`` (ordered by ``|Σ ∂loss/∂z|`` on calibration
+    #: batches at the start of training) or ``uniform`` (every gate at ``droprate_init``).
+    init: str = "taylor"
+    #: 8 — training batches scored by ``init="taylor"`` (integer >= 1).
+    calibration_batches: int = 8
+    #: 4.0 — ``init="taylor"``: logit added to the most important unit of each kind (> 0).
+    init_spread: float = 4.0
+    #: 2/3 — hard-concrete temperature β (> 0).
+    beta: float = BETA
+    #: -0.1 — stretch interval lower end γ (< 0).
+    limit_l: float = LIMIT_L
+    #: 1.1 — stretch interval upper end ζ (> 1).
+    limit_r: float = LIMIT_R
+    #: True — reset ``λ1`` (with its Adam moments) and the gates' momentum whenever ``λ1`` pushes away
+    #: from the target (only when the callback steps the multipliers, ``gate_lr`` set).
+    dual_restart: bool = True
+    #: 0.01 — the target counts as met when the expected and the deterministic sparsity both lie within
+    #: this of ``target_sparsity``; in [0, 1).
+    tolerance: float = 0.01
+    #: True — once the target is met after ``end_step``, fix the gates and keep training the weights.
+    freeze_on_target: bool = True
+    #: None — the layout: ``None`` (by ``config.model_type``), a registered name (``llama``, ``gpt2``,
+    #: ``t5``, ...) or a mapping for :func:`~lightcook.ops.architectures.architecture_from_dict`.
+    architecture: str | Mapping[str, Any] | None = None
+    #: 0 — base seed of the gate noise (training forward ``i`` draws from ``(seed, i, rank)``); >= 0.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        target = self.target_sparsity
+        if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target < 1:
+            raise ValueError(
+                f"target_sparsity: must lie strictly between 0 and 1 (fraction removed), got {target!r}"
+            )
+        object.__setattr__(self, "units", _check_units(self.units))
+        check_int("start_step", self.start_step, 0)
+        check_int("end_step", self.end_step)
+        if self.end_step < self.start_step:
+            raise ValueError(f"end_step: must be >= start_step ({self.start_step}), got {self.end_step}")
+        for field in ("gate_lr", "lambda_lr"):
+            value = getattr(self, field)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+            ):
+                raise ValueError(f"{field}: must be > 0, or null, got {value!r}")
+        check_gate_args(self.droprate_init, self.beta, self.limit_l, self.limit_r)
+        check_choice("init", self.init, INITS)
+        check_int("calibration_batches", self.calibration_batches, 1)
+        check_number("init_spread", self.init_spread, 0, open_low=True)
+        for field in ("dual_restart", "freeze_on_target"):
+            check_choice(field, getattr(self, field), (True, False))
+        if (
+            isinstance(self.tolerance, bool)
+            or not isinstance(self.tolerance, int | float)
+            or not 0 <= self.tolerance < 1
+        ):
+            raise ValueError(f"tolerance: must lie in [0, 1), got {self.tolerance!r}")
+        check_architecture_arg(self.architecture, "architecture")
+        check_int("seed", self.seed, 0)
+
+    @property
+    def multiplier_lr(self) -> float | None:
+        """The learning rate of the multipliers: ``lambda_lr``, else ``gate_lr``."""
+        return self.lambda_lr if self.lambda_lr is not None else self.gate_lr
+
+    def target_at(self, step: int) -> float:
+        """Target sparsity after ``step`` optimizer steps: 0 before ``start_step``, rising linearly
+        to ``target_sparsity`` at ``end_step``.
+
+        Example:
+            >>> StructuredConfig(target_sparsity=0.6, start_step=10, end_step=20).target_at(15)
+            0.3
+        """
+        if step < self.start_step:
+            return 0.0
+        if self.end_step == self.start_step:
+            return self.target_sparsity
+        progress = min(1.0, (step - self.start_step) / (self.end_step - self.start_step))
+        return self.target_sparsity * progress
+
+
+def _check_units(units: Any) -> tuple[str, ...]:
+    units = [units] if isinstance(units, str) else list(units)
+    allowed = ", ".join(sorted(UNIT_KINDS))
+    if not units:
+        raise ValueError(f"units: choose at least one; allowed: {allowed}")
+    for unit in units:
+        if unit == "hidden":
+            raise ValueError(
+                f"units: 'hidden' (hidden-dimension pruning) is not implemented; allowed: {allowed}"
+            )
+        if unit not in UNIT_KINDS:
+            raise ValueError(f"units: unknown unit {unit!r}; allowed: {allowed}")
+    return tuple(dict.fromkeys(units))
+
+
+def prepare_(network: nn.Module, config: StructuredConfig, *, where: str = "") -> GateSet:
+    """Gate ``network`` in place for structured pruning: one hard-concrete gate per unit and per block
+    of ``config.units``, attached as ``network.lightcook_gates`` (:data:`~lightcook.ops.names.GATES`)
+    and applied by hooks in the forward pass. The gated network equals the dense one in eval mode
+    until the gates close; :func:`~lightcook.ops.slicing.slice_model` folds them away for inference.
+
+    Args:
+        network: a Hugging Face model (or one following a layout of :mod:`lightcook.ops.architectures`).
+        config: the settings (units, layout, gate hyperparameters, seed).
+        where: context appended to layout errors (where the network was found, how to point elsewhere).
+
+    Returns:
+        The :class:`GateSet` (its ``architecture`` attribute is the layout used).
+
+    Raises:
+        ValueError: unknown layout, a unit kind the layout lacks, or gates already attached
+            (messages start with the field: ``architecture: ...``, ``units: ...``).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> net = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        >>> gates = prepare_(net, StructuredConfig(units=["heads", "neurons"]))
+        >>> {k: tuple(g.log_alpha.shape) for k, g in net.lightcook_gates.gates.items()}
+        {'heads': (4,), 'neurons': (128,)}
+        >>> round(deterministic_sparsity(gates), 3), gates.architecture.name
+        (0.0, 'llama')
+    """
+    arch, blocks = find_blocks(network, config.architecture, where=where)
+    missing = [u for u in config.units if u not in arch.units]
+    if missing:
+        raise ValueError(
+            f"units: {missing} not available for architecture {arch.name!r}; allowed here: {list(arch.units)}"
+        )
+    gates = attach_gates(
+        network,
+        blocks,
+        config.units,
+        layer_parameter_count(network, arch),
+        GATES,
+        seed=config.seed,
+        droprate_init=config.droprate_init,
+        beta=config.beta,
+        limit_l=config.limit_l,
+        limit_r=config.limit_r,
+    )
+    gates.architecture = arch
+    return gates
+
+
+def expected_sparsity(gates: GateSet) -> Tensor:
+    """``1 − E[size] / dense size`` under ``P(z ≠ 0)``; differentiable in the gate logits (float64)."""
+    return 1.0 - gates.expected_size() / gates.layer_params
+
+
+def deterministic_sparsity(gates: GateSet) -> float:
+    """Sparsity of the layers after slicing with the deterministic gates."""
+    return 1.0 - gates.deterministic_size() / gates.layer_params
+
+
+def lagrangian(gates: GateSet, target: float) -> tuple[Tensor, Tensor]:
+    """The size penalty ``λ1·(ŝ − t) + λ2·(ŝ − t)²`` (float32 scalar) and ``ŝ``, the expected sparsity.
+
+    The multipliers enter through :func:`reverse_grad`, so one minimising step descends on the gates
+    and ascends on ``λ1``/``λ2``.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> net = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+        >>> gates = prepare_(net, StructuredConfig(units=["neurons"]))
+        >>> penalty, expected = lagrangian(gates, 0.3)
+        >>> float(penalty.detach()), bool(expected < 0.3)  # the multipliers start at 0
+        (0.0, True)
+    """
+    expected = expected_sparsity(gates).float()
+    gap = expected - target
+    penalty = reverse_grad(gates.lambda_1) * gap + reverse_grad(gates.lambda_2) * gap**2
+    return penalty, expected
+
+
+def gate_gradients(
+    gates: GateSet, loss_of: Callable[[Any], Tensor], batches: Iterable[Any]
+) -> dict[str, Tensor]:
+    """``Σ_batches ∂loss/∂z`` per gate kind at ``z = 1`` (the dense model), float64; the weights get no
+    gradient. ``|·|`` of it (summed over ranks first) is the first-order importance that
+    :meth:`GateSet.rank_init_` orders the gates by.
+
+    Args:
+        gates: the gate set of the network ``loss_of`` runs.
+        loss_of: the task loss of one batch.
+        batches: the calibration batches.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> net = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+        >>> gates = prepare_(net, StructuredConfig(units=["neurons"]))
+        >>> ids = torch.randint(0, 64, (2, 8))
+        >>> grads = gate_gradients(gates, lambda b: net(input_ids=b, labels=b).loss, [ids])
+        >>> grads["neurons"].shape, grads["neurons"].dtype
+        (torch.Size([64]), torch.float64)
+    """
+    totals = {
+        kind: torch.zeros_like(g.log_alpha, dtype=torch.float64) for kind, g in gates._gate_map().items()
+    }
+    with gates.probe() as values:
+        kinds = list(values)
+        for batch in batches:
+            grads = torch.autograd.grad(loss_of(batch), [values[k] for k in kinds], allow_unused=True)
+            for kind, grad in zip(kinds, grads):
+                if grad is not None:
+                    totals[kind] += grad.double()
+    return totals

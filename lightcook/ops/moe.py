@@ -16,7 +16,11 @@ are Mixtures of Experts", Findings of ACL 2022).
     experts are grouped by load, each group is two batched matmuls (``torch.bmm``: gate+up, down)
     over only its tokens, and each token sums its k expert outputs (``embedding_bag``);
   - with gradients (training): the dense FFN with every token's unselected experts masked out (same
-    function), plus an optional router-regression gradient (:class:`AddAuxiliaryLoss`).
+    function); with ``router_loss_weight > 0`` each training forward also records the router-regression
+    loss in ``aux_loss``, for the training loop to add to the model's loss (:func:`router_aux_loss`).
+* :class:`MoEConfig` holds the settings; :func:`prepare_` swaps every FFN of a network for a
+  :class:`MoEFFN` (still the dense function) and :func:`split_` partitions, permutes, fits the
+  routers and turns routing on, from calibration batches: MoEfication without Lightning.
 * Routers: :class:`MLPRouter` (trained by :func:`train_mlp_router` to predict each expert's share of
   the activation mass), :class:`CentroidRouter` (similarity to expert centroids, :func:`fit_centroid_router`),
   :class:`OracleRouter` (ground truth: the experts with the largest activation mass; evaluation
@@ -44,13 +48,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightcook.ops.architectures import FFN, Block, FFNLayout, check_architecture_arg, find_blocks
+from lightcook.ops.config import TechniqueConfig, check_choice, check_int, check_number
 from lightcook.ops.quant import effective_weight, fake_quant, fake_quant_input, input_quantization
 
 PARTITIONS = ("kmeans", "coactivation", "random")
@@ -59,7 +66,6 @@ ROUTERS = ("mlp", "centroid", "oracle", "random")
 __all__ = [
     "PARTITIONS",
     "ROUTERS",
-    "AddAuxiliaryLoss",
     "CentroidRouter",
     "MLPRouter",
     "MoEFFN",
@@ -77,8 +83,13 @@ __all__ = [
     "random_partition",
     "release_workspaces",
     "reset_load",
+    "MoEConfig",
+    "capture_activations",
+    "prepare_",
+    "router_aux_loss",
     "router_kind",
     "router_loss",
+    "split_",
     "router_targets",
     "set_top_k",
     "train_mlp_router",
@@ -173,7 +184,7 @@ def balanced_kmeans(points: Tensor, num_clusters: int, iters: int = 20, seed: in
             break
         labels = new
         centroids = x[labels.argsort(stable=True)].view(num_clusters, capacity, -1).mean(1)  # (E, D)
-    return labels
+    return cast(Tensor, labels)  # the loop ran at least once
 
 
 def _kmeans_pp(x: Tensor, num_clusters: int, gen: torch.Generator) -> Tensor:
@@ -348,6 +359,7 @@ class CentroidRouter(nn.Module):
     """
 
     needs_activations = False
+    centroids: Tensor
 
     def __init__(self, hidden_size: int, num_experts: int) -> None:
         super().__init__()
@@ -494,22 +506,6 @@ def _fit_router(
     return sum(tail) / max(1, len(tail))
 
 
-class AddAuxiliaryLoss(torch.autograd.Function):
-    """Return ``x`` unchanged; in backward, also send gradient 1 into ``loss`` (so a router learns
-    from an auxiliary loss without changing the model's loss or its value)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, loss: Tensor) -> Tensor:
-        ctx.needs_loss_grad = loss.requires_grad
-        ctx.loss_meta = (loss.dtype, loss.device)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None]:
-        dtype, device = ctx.loss_meta
-        return grad, torch.ones((), dtype=dtype, device=device) if ctx.needs_loss_grad else None
-
-
 # --------------------------------------------------------------------------- the MoE FFN
 
 
@@ -519,7 +515,8 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def _rows(module: nn.Module) -> Tensor:
     """Weight as ``(out, in)`` (a view; GPT-2 ``Conv1D`` stores ``(in, out)``)."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
+    weight = cast(Tensor, module.weight)
+    return weight.t() if _is_conv1d(module) else weight
 
 
 def _neuron_dim(module: nn.Module, produces: bool) -> int:
@@ -560,6 +557,11 @@ class MoEFFN(nn.Module):
             a gated FFN without two input projections.
     """
 
+    perm: Tensor
+    routed: Tensor
+    relu: Tensor
+    activation_name: str  # set by from_ffn
+
     def __init__(
         self,
         inputs: Mapping[str, nn.Module],
@@ -593,7 +595,10 @@ class MoEFFN(nn.Module):
         self.register_buffer("relu", torch.tensor(False))
         self.load_counts = torch.zeros(num_experts, dtype=torch.long)  # tokens per expert since reset
         self.last_router_loss: float | None = None
-        self._cache: tuple[tuple, tuple[Tensor, ...]] | None = None
+        #: The router loss of the last training forward (with its graph), until :func:`router_aux_loss`
+        #: takes it; overwritten by the next forward, so it never holds more than one graph.
+        self.aux_loss: Tensor | None = None
+        self._cache: tuple[tuple, dict[str, Tensor | None]] | None = None
 
     @classmethod
     def from_ffn(
@@ -627,9 +632,8 @@ class MoEFFN(nn.Module):
         ins = {name: ffn.get_submodule(name) for name in inputs}
         first = ins[inputs[0]]
         d_model = int(_rows(first).shape[1])
-        made = make_router(router, d_model, num_experts, router_hidden).to(
-            first.weight.device, first.weight.dtype
-        )
+        weight = cast(Tensor, first.weight)
+        made = make_router(router, d_model, num_experts, router_hidden).to(weight.device, weight.dtype)
         dropout = getattr(ffn, "dropout", None)
         moe = cls(
             ins,
@@ -777,10 +781,9 @@ class MoEFFN(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())
 
     def _touch_router(self, x: Tensor, out: Tensor) -> Tensor:
-        """Before routing, give trainable router parameters a zero gradient under DDP (all used)."""
+        """Before routing, give trainable router parameters a zero loss under DDP (all used)."""
         if self.training and self._trainable_router() and torch.distributed.is_initialized():
-            zero = self.router(x.reshape(-1, x.shape[-1])).sum() * 0.0
-            out = AddAuxiliaryLoss.apply(out, zero)
+            self.aux_loss = self.router(x.reshape(-1, x.shape[-1])).sum() * 0.0
         return out
 
     def _select(self, scores: Tensor) -> Tensor:
@@ -802,7 +805,7 @@ class MoEFFN(nn.Module):
         if self.training and self.router_loss_weight > 0 and self._trainable_router() and not needs_h:
             loss = self.router_loss_weight * router_loss(scores, expert_mass(h, self.num_experts))
             self.last_router_loss = float(loss.detach())
-            out = AddAuxiliaryLoss.apply(out, loss)
+            self.aux_loss = loss
         return out.view(*shape[:-1], out.shape[-1])
 
     # ------------------------------------------------------------------ sparse inference
@@ -834,7 +837,9 @@ class MoEFFN(nn.Module):
             "in": torch.cat([effective_weight(p).reshape(num, m, -1) for p in ins], dim=1).contiguous(),
             "in_bias": None
             if biases[0] is None
-            else torch.cat([b.detach().reshape(num, m) for b in biases], dim=1).contiguous(),
+            else torch.cat(
+                [b.detach().reshape(num, m) for b in cast("list[Tensor]", biases)], dim=1
+            ).contiguous(),
             "down": effective_weight(out).t().reshape(num, m, -1).contiguous(),
             "down_bias": None if getattr(out, "bias", None) is None else out.bias.detach(),
         }
@@ -859,7 +864,8 @@ class MoEFFN(nn.Module):
         rows, sources, order, blocks = _route_plan(top, self.num_experts, self.buckets)
         w = self.expert_weights(x2.dtype)
         whole = bool(torch.equal(order, torch.arange(self.num_experts)))
-        w_in, w_down = (w["in"], w["down"]) if whole else (_take(w["in"], order), _take(w["down"], order))
+        w_in, w_down = cast(Tensor, w["in"]), cast(Tensor, w["down"])  # never None
+        w_in, w_down = (w_in, w_down) if whole else (_take(w_in, order), _take(w_down, order))
         xq = fake_quant_input(x2, input_quantization(getattr(self, self.input_names[0])))
         xs = _workspace("xs", (sources.numel(), x2.shape[1]), x2)
         torch.index_select(xq, 0, sources, out=xs)  # (R, d): tokens grouped by expert, padded
@@ -868,8 +874,8 @@ class MoEFFN(nn.Module):
             end = start + count * cap
             hb = h[start:end].view(count, cap, -1)
             torch.bmm(xs[start:end].view(count, cap, -1), w_in[first : first + count].transpose(1, 2), out=hb)
-            if w["in_bias"] is not None:
-                hb += w["in_bias"][order[first : first + count].to(x.device)][:, None, :]
+            if (in_bias := w["in_bias"]) is not None:
+                hb += in_bias[order[first : first + count].to(x.device)][:, None, :]
         act = self._gated_activation(h)  # (R, m)
         act = self._quantize_down_input(
             act, rows.view(n, k), input_quantization(getattr(self, self.output_name))
@@ -1051,3 +1057,386 @@ def reset_load(modules: Sequence[MoEFFN] | Iterable[MoEFFN]) -> None:
     """Zero the per-expert token counters."""
     for module in modules:
         module.load_counts.zero_()
+
+
+def router_aux_loss(modules: Iterable[MoEFFN]) -> Tensor | None:
+    """The sum of the router losses the MoE FFNs recorded in their last training forward (``None``
+    when none did), each taken once: add it to the training loss so the MLP routers keep learning.
+
+    Example:
+        >>> moe = MoEFFN({"fc": nn.Linear(4, 8)}, ("proj", nn.Linear(8, 4)), nn.ReLU(), num_experts=2,
+        ...              top_k=1, router=MLPRouter(4, 2, 8), gated=False, router_loss_weight=1.0)
+        >>> moe.set_routed(True)
+        >>> _ = moe.train()(torch.randn(3, 4))
+        >>> loss = router_aux_loss([moe])
+        >>> loss.requires_grad, router_aux_loss([moe]) is None
+        (True, True)
+    """
+    losses = []
+    for module in modules:
+        if module.aux_loss is not None:
+            losses.append(module.aux_loss)
+            module.aux_loss = None
+    return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+
+
+# --------------------------------------------------------------------------- configuration and transforms
+
+
+@dataclass(frozen=True)
+class MoEConfig(TechniqueConfig):
+    """MoEfication settings: split each dense FFN into ``num_experts`` equal experts and compute only
+    the ``top_k`` a router picks per token. Each field: default, meaning, allowed values.
+
+    Raises:
+        ValueError: a field outside its allowed values, ``<field>: ...`` (the callback prefixes
+            ``compress.moe.``), e.g. ``top_k > num_experts``.
+
+    Example:
+        >>> MoEConfig(num_experts=16, top_k=4).top_k / 16
+        0.25
+        >>> MoEConfig(num_experts=8, top_k=9)
+        Traceback (most recent call last):
+        ...
+        ValueError: top_k: must be <= num_experts (8), got 9
+    """
+
+    SHAPE_FIELDS = ("num_experts", "top_k", "router", "router_hidden", "architecture")
+
+    #: 32 — experts per FFN (integer >= 1); must divide every FFN's intermediate size.
+    num_experts: int = 32
+    #: 8 — experts per token, ``1 <= top_k <= num_experts``; ``top_k / num_experts`` is the share of
+    #: FFN weights used per token.
+    top_k: int = 8
+    #: ``"coactivation"`` — the partition: ``kmeans`` (balanced k-means over the neurons' normalised
+    #: activated-projection rows), ``coactivation`` (balanced partition of the co-activation graph of the
+    #: captured activations) or ``random`` (baseline).
+    split: str = "coactivation"
+    #: ``"mlp"`` — the router: ``mlp`` (trained to predict each expert's activation-mass share),
+    #: ``centroid`` (similarity to each expert's mean activated-projection row), ``oracle`` (the experts
+    #: with the largest activation mass: evaluation only, computes the dense FFN) or ``random``.
+    router: str = "mlp"
+    #: 128 — hidden width of the MLP router (integer >= 1).
+    router_hidden: int = 128
+    #: 200 — Adam steps fitting each MLP router on the captured tokens (integer >= 0).
+    router_steps: int = 200
+    #: 1e-3 — learning rate of that fit (> 0).
+    router_lr: float = 1e-3
+    #: 512 — tokens per router fitting step (integer >= 1).
+    router_batch_size: int = 512
+    #: True — keep training the MLP routers with the model: their parameters join the module's
+    #: optimizer and the router loss is added to the training loss (the logged loss includes it).
+    router_finetune: bool = True
+    #: 1.0 — weight of that router loss (>= 0).
+    router_loss_weight: float = 1.0
+    #: 8 — training batches captured (forward hooks) for the split and the routers (integer >= 1).
+    calibration_batches: int = 8
+    #: 20 — maximum balanced k-means iterations (integer >= 1).
+    kmeans_iters: int = 20
+    #: 0 — optimizer step of the split (with ``relufy``: after this many steps of dense ReLU
+    #: fine-tuning); integer >= 0.
+    split_step: int = 0
+    #: False — replace the FFN activation (SiLU/GELU) by ReLU at the start of training, so the
+    #: activations become sparse enough to route (ReLU-fication).
+    relufy: bool = False
+    #: 16 — at most this many expert groups per sparse forward (each a padded ``bmm``); integer >= 1.
+    buckets: int = 16
+    #: None — the layout: ``None`` (by ``config.model_type``), a registered name, or a mapping (see
+    #: :func:`~lightcook.ops.architectures.architecture_from_dict`) saying where the FFNs are.
+    architecture: str | Mapping[str, Any] | None = None
+    #: True — write the expert-load heatmap PNG into the run directory.
+    plot: bool = True
+    #: 0 — seed of the k-means initialisation, random split and router mini-batches (integer >= 0).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("split", self.split, PARTITIONS)
+        check_choice("router", self.router, ROUTERS)
+        for field in ("router_finetune", "relufy", "plot"):
+            check_choice(field, getattr(self, field), (True, False))
+        positive = ("num_experts", "top_k", "router_hidden", "router_batch_size", "calibration_batches")
+        for field in (*positive, "kmeans_iters", "buckets"):
+            check_int(field, getattr(self, field), 1)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k: must be <= num_experts ({self.num_experts}), got {self.top_k}")
+        for field in ("router_steps", "split_step", "seed"):
+            check_int(field, getattr(self, field), 0)
+        check_number("router_lr", self.router_lr, 0, open_low=True)
+        check_number("router_loss_weight", self.router_loss_weight, 0)
+        check_architecture_arg(self.architecture, "architecture")
+
+    @property
+    def ffn_param_fraction(self) -> float:
+        """Share of the FFN expert weights each token uses (``top_k / num_experts``)."""
+        return self.top_k / self.num_experts
+
+
+def prepare_(network: nn.Module, config: MoEConfig, *, where: str = "") -> dict[str, MoEFFN]:
+    """Replace every FFN of ``network`` by a :class:`MoEFFN` (all checked first, then swapped), in place.
+
+    Each MoE FFN reuses the FFN's projection modules under their names; its partition, router and
+    flags start as identity / untrained / off, so until :func:`split_` the network computes exactly
+    the dense function. An FFN already split with the same settings is kept (a network prepared
+    twice).
+
+    Args:
+        network: a Hugging Face model (or one following a layout of :mod:`lightcook.ops.architectures`).
+        config: the settings.
+        where: context appended to layout errors (where the network was found, how to point elsewhere).
+
+    Returns:
+        The MoE FFNs by qualified name.
+
+    Raises:
+        ValueError: no recognisable FFN, ``num_experts`` not dividing an intermediate size, or an FFN
+            already split with other settings (messages start with the field).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> net = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        >>> moes = prepare_(net, MoEConfig(num_experts=8, top_k=2))
+        >>> sorted(moes), moes["model.layers.0.mlp"].expert_size
+        (['model.layers.0.mlp', 'model.layers.1.mlp'], 8)
+    """
+    _arch, blocks = find_blocks(network, config.architecture, kind=FFN, where=where)
+    for block in blocks:
+        _check_block(block, config)
+    return {block.name: _install(network, block, config) for block in blocks}
+
+
+def _check_block(block: Block, config: MoEConfig) -> None:
+    module = block.module
+    if isinstance(module, MoEFFN):
+        if (module.num_experts, module.top_k) != (config.num_experts, config.top_k):
+            raise ValueError(
+                f"num_experts: {block.name} is already split into {module.num_experts} experts "
+                f"(top {module.top_k}) by another MoEfication"
+            )
+        return
+    if block.units % config.num_experts:
+        divisors = [d for d in range(1, block.units + 1) if block.units % d == 0 and d <= 256]
+        raise ValueError(
+            f"num_experts: {config.num_experts} does not divide the intermediate size {block.units} of "
+            f"{block.name}; allowed: a divisor such as {divisors[-8:]}"
+        )
+
+
+def _install(network: nn.Module, block: Block, config: MoEConfig) -> MoEFFN:
+    if isinstance(block.module, MoEFFN):
+        return block.module  # the same network prepared again (e.g. a second Trainer)
+    layout = cast(FFNLayout, block.layout)  # FFN blocks only
+    moe = MoEFFN.from_ffn(
+        block.module,
+        layout.inputs,
+        layout.output,
+        layout.activation,
+        layout.gated,
+        config.num_experts,
+        config.top_k,
+        config.router,
+        config.router_hidden,
+        config.buckets,
+        config.router_loss_weight if config.router_finetune else 0.0,
+    )
+    for param in moe.router.parameters():
+        param.requires_grad_(config.router_finetune)
+        param._no_weight_decay = True  # type: ignore[attr-defined]
+    parent, _, child = block.name.rpartition(".")
+    setattr(network.get_submodule(parent) if parent else network, child, moe)
+    return moe
+
+
+#: ``collect(layer_index, x (N, d), h (N, d_ff))``: what :func:`capture_activations` calls per MoE FFN.
+Collect = Callable[[int, Tensor, Tensor], None]
+
+
+@torch.no_grad()
+def capture_activations(
+    network: nn.Module,
+    moes: Mapping[str, MoEFFN] | Sequence[MoEFFN],
+    batches: Iterable[Any],
+    collect: Collect,
+) -> int:
+    """Run ``batches`` through ``network`` (eval mode, no gradients) and call ``collect(i, x, h)`` for
+    the ``i``-th MoE FFN with its input ``x`` and intermediate activations ``h`` (padding tokens
+    dropped). Returns the number of tokens seen.
+
+    Raises:
+        ValueError: no batch (``calibration_batches: ...``).
+    """
+    modules = list(moes.values()) if isinstance(moes, Mapping) else list(moes)
+    seen, mask_box = 0, cast("list[Tensor | None]", [None])
+    handles = _capture_hooks(modules, collect, mask_box)
+    flags = [(m, m.training) for m in network.modules()]
+    network.eval()
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            mask_box[0] = None if mask is None else mask.reshape(-1).bool()
+            network(**batch) if isinstance(batch, Mapping) else network(batch)
+            seen += int(cast(Tensor, mask_box[0]).sum()) if mask is not None else int(_ids(batch).numel())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags:
+            module.training = flag
+    if seen == 0:
+        raise ValueError("calibration_batches: no training batch to calibrate on")
+    return seen
+
+
+def _ids(batch: Any) -> Tensor:
+    return batch["input_ids"] if isinstance(batch, Mapping) else batch
+
+
+def _capture_hooks(modules: list[MoEFFN], collect: Collect, mask_box: list) -> list[Any]:
+    """Forward pre-hooks: each MoE FFN's input ``x``, then its output projection's input ``h``."""
+    inputs: dict[int, Tensor] = {}
+    handles = []
+    for i, moe in enumerate(modules):
+        keep_x = lambda _m, args, i=i: inputs.__setitem__(i, args[0])  # noqa: E731
+        use_h = lambda _m, args, i=i: _collect(collect, i, inputs.pop(i), args[0], mask_box[0])  # noqa: E731
+        handles.append(moe.register_forward_pre_hook(keep_x))
+        handles.append(moe.get_submodule(moe.output_name).register_forward_pre_hook(use_h))
+    return handles
+
+
+def _collect(collect: Collect, index: int, x: Tensor, h: Tensor, mask: Tensor | None) -> None:
+    x, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])  # (N, d), (N, d_ff)
+    if mask is not None and mask.numel() == x.shape[0]:
+        x, h = x[mask], h[mask]
+    collect(index, x, h)
+
+
+def measure_sparsity(
+    network: nn.Module, moes: Mapping[str, MoEFFN], batches: Iterable[Any]
+) -> dict[str, float]:
+    """Token-weighted mean of :func:`activation_sparsity` over every MoE FFN and the batches.
+
+    Raises:
+        ValueError: no batch.
+    """
+    sums = {"zero_fraction": 0.0, "mass_fraction": 0.0}
+
+    def collect(_i: int, x: Tensor, h: Tensor) -> None:
+        for key, value in activation_sparsity(h).items():
+            sums[key] += value * x.shape[0]
+
+    tokens = capture_activations(network, moes, batches, collect)
+    return {k: round(v / (tokens * len(moes)), 6) for k, v in sums.items()}
+
+
+#: Broadcast from rank 0 under DDP: takes a list of (CPU) objects, returns rank 0's.
+Sync = Callable[[list[Any]], list[Any]]
+
+
+def split_(
+    network: nn.Module,
+    moes: Mapping[str, MoEFFN],
+    config: MoEConfig,
+    batches: Sequence[Any],
+    *,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    sync: Sync | None = None,
+) -> dict[str, Any]:
+    """Partition every MoE FFN, permute its neurons, fit the routers and turn routing on, in place.
+
+    Args:
+        network: the network :func:`prepare_` MoEfied.
+        moes: what :func:`prepare_` returned.
+        config: the settings (split, router fit, seed).
+        batches: calibration batches (dicts of model inputs) on the network's device; read more than once.
+        optimizers: their moments of the permuted weights are permuted too; their router moments dropped.
+        sync: under DDP, a broadcast from rank 0 (partitions and routers then agree on every rank).
+
+    Returns:
+        ``calibration_tokens``, ``sparsity`` (activation sparsity at the split) and ``router_fit_loss``
+        (mean final MLP router loss, ``None`` for other routers).
+
+    Raises:
+        ValueError: no calibration batch.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> net = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
+        >>> config = MoEConfig(num_experts=8, top_k=8, router="centroid", split="kmeans")
+        >>> ids = torch.randint(0, 64, (2, 8))
+        >>> with torch.no_grad():
+        ...     dense = net(ids).logits
+        >>> moes = prepare_(net, config)
+        >>> split_(net, moes, config, [{"input_ids": ids}])["calibration_tokens"]
+        16
+        >>> with torch.no_grad():  # top_k = num_experts: the dense function, now routed
+        ...     torch.allclose(net(ids).logits, dense, atol=1e-5), bool(moes["model.layers.0.mlp"].routed)
+        (True, True)
+    """
+    optimizers = list(optimizers)
+    labels = _partitions(network, moes, config, batches)
+    perms = [partition_permutation(lab, config.num_experts) for lab in labels]
+    if sync is not None:
+        perms = [p.to(torch.long) for p in sync([p.cpu() for p in perms])]
+    for moe, perm in zip(moes.values(), perms):
+        moe.permute_(perm, optimizers)
+    sparsity, losses, tokens = _fit_routers(network, moes, config, batches)
+    if sync is not None:
+        _sync_routers(moes, sync)
+    for moe in moes.values():
+        for optimizer in optimizers:  # the routers were refitted: forget their moments
+            for param in moe.router.parameters():
+                optimizer.state.pop(param, None)
+        moe.set_routed(True)
+    loss = round(sum(losses) / len(losses), 6) if losses else None
+    return {"calibration_tokens": tokens, "sparsity": sparsity, "router_fit_loss": loss}
+
+
+def _partitions(
+    network: nn.Module, moes: Mapping[str, MoEFFN], config: MoEConfig, batches: Sequence[Any]
+) -> list[Tensor]:
+    modules, experts, iters, seed = list(moes.values()), config.num_experts, config.kmeans_iters, config.seed
+    if config.split == "random":
+        return [random_partition(m.d_ff, experts, seed + i) for i, m in enumerate(modules)]
+    if config.split == "kmeans":
+        return [balanced_kmeans(m.gate_rows(), experts, iters, seed) for m in modules]
+    grams = [torch.zeros(m.d_ff, m.d_ff, dtype=torch.float64) for m in modules]
+
+    def collect(i: int, _x: Tensor, h: Tensor) -> None:
+        a = h.detach().abs().float()
+        grams[i] += (a.t() @ a).double().cpu()  # (d_ff, d_ff) co-activation, float64 running sum
+
+    capture_activations(network, modules, batches, collect)
+    return [coactivation_partition(g, experts, iters, seed) for g in grams]
+
+
+def _fit_routers(
+    network: nn.Module, moes: Mapping[str, MoEFFN], config: MoEConfig, batches: Sequence[Any]
+) -> tuple[dict[str, float], list[float], int]:
+    modules = list(moes.values())
+    data: dict[int, list[tuple[Tensor, Tensor]]] = {i: [] for i in range(len(modules))}
+    sums = {"zero_fraction": 0.0, "mass_fraction": 0.0}
+
+    def collect(i: int, x: Tensor, h: Tensor) -> None:
+        for key, value in activation_sparsity(h).items():
+            sums[key] += value * x.shape[0]
+        if config.router == "mlp":
+            data[i].append((x.detach().float().cpu(), expert_mass(h, config.num_experts).cpu()))
+
+    tokens = capture_activations(network, modules, batches, collect)
+    losses = []
+    for i, moe in enumerate(modules):
+        if isinstance(moe.router, MLPRouter):
+            x, mass = torch.cat([d[0] for d in data[i]]), torch.cat([d[1] for d in data[i]])
+            data[i].clear()
+            fit = (config.router_steps, config.router_lr, config.router_batch_size, config.seed + i)
+            losses.append(train_mlp_router(moe.router, x, mass, *fit))
+        elif isinstance(moe.router, CentroidRouter):
+            fit_centroid_router(moe.router, moe.gate_rows())
+    sparsity = {k: round(v / (tokens * len(modules)), 6) for k, v in sums.items()}
+    return sparsity, losses, tokens
+
+
+def _sync_routers(moes: Mapping[str, MoEFFN], sync: Sync) -> None:
+    states = [{k: v.detach().cpu() for k, v in m.router.state_dict().items()} for m in moes.values()]
+    for moe, state in zip(moes.values(), sync(states)):
+        moe.router.load_state_dict(state)

@@ -13,6 +13,9 @@ Contents:
         :class:`ActivationQuantizer`.
     layers: :class:`QuantLinear` (training), :class:`Int8Linear` (real int8 inference),
         :class:`DequantLinear` (packed low-bit / group-wise / asymmetric storage).
+    configuration and transforms: :class:`QuantConfig`, :func:`prepare_` (Linear -> QuantLinear),
+        :func:`calibrate_` (static activation ranges), :func:`convert_` (QuantLinear -> Int8Linear /
+        DequantLinear for inference), :func:`conv1d_to_linear`.
     integer kernels: :func:`int8_matmul`, :func:`int8_linear`.
     packing: :func:`pack_int4`, :func:`unpack_int4`, :func:`pack_int2`, :func:`unpack_int2`,
         :func:`pack_codes`, :func:`unpack_codes`.
@@ -24,11 +27,17 @@ Rounding is round-half-to-even (``torch.round``) and ``x / scale`` is computed a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightcook.ops.config import TechniqueConfig, check_choice, check_int
+from lightcook.ops.names import is_conv1d, linear_like
 
 __all__ = [
     "ACT_MODES",
@@ -40,9 +49,13 @@ __all__ = [
     "Int8Linear",
     "LSQQuantizer",
     "PACTQuantizer",
+    "QuantConfig",
     "QuantLinear",
     "QuantSpec",
     "WeightQuantizer",
+    "calibrate_",
+    "conv1d_to_linear",
+    "convert_",
     "effective_weight",
     "fake_quant",
     "fake_quant_input",
@@ -55,6 +68,7 @@ __all__ = [
     "pack_codes",
     "pack_int2",
     "pack_int4",
+    "prepare_",
     "quantize_per_token",
     "scale_shape",
     "unpack_codes",
@@ -593,6 +607,8 @@ class ActivationQuantizer(nn.Module):
         tensor(2.)
     """
 
+    amax: Tensor  # scalar running max|x| in static mode (None, and never read, otherwise)
+
     def __init__(self, mode: str = "dynamic", bits: int = 8) -> None:
         super().__init__()
         if mode not in ACT_MODES:
@@ -874,6 +890,11 @@ class Int8Linear(nn.Module):
         torch.Size([2, 3, 4])
     """
 
+    weight_codes: Tensor
+    weight_scale: Tensor
+    bias: Tensor | None
+    act_scale: Tensor | None  # static mode only
+
     def __init__(
         self,
         in_features: int,
@@ -913,9 +934,9 @@ class Int8Linear(nn.Module):
             m.weight_codes.copy_(codes)
             m.weight_scale.copy_(scale)
             if q.bias is not None:
-                m.bias.copy_(q.bias)
+                cast(Tensor, m.bias).copy_(q.bias)
             if act.mode == "static":
-                m.act_scale.copy_(act.static_scale())
+                cast(Tensor, m.act_scale).copy_(act.static_scale())
         return m
 
     @classmethod
@@ -932,7 +953,7 @@ class Int8Linear(nn.Module):
         spec = QuantSpec(bits=8, granularity=granularity, symmetric=True)
         q = QuantLinear.from_linear(linear, spec, "absmax", act_mode, 8)
         if act_mode == "static":
-            q.input_quantizer.amax.fill_(act_amax)
+            q.input_quantizer.amax.fill_(cast(float, act_amax))
         return cls.from_quant_linear(q)
 
     def extra_repr(self) -> str:
@@ -1029,6 +1050,11 @@ class DequantLinear(nn.Module):
         torch.Size([4, 32])
     """
 
+    weight_packed: Tensor
+    weight_scale: Tensor
+    weight_zero_point: Tensor
+    bias: Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -1084,7 +1110,7 @@ class DequantLinear(nn.Module):
             m.weight_packed.copy_(pack_codes(q.weight_quantizer.codes(q.weight), spec.bits, spec.symmetric))
             m.weight_scale, m.weight_zero_point = scale.clone(), zero_point.clone()
             if q.bias is not None:
-                m.bias.copy_(q.bias)
+                cast(Tensor, m.bias).copy_(q.bias)
             if act.mode == "static":
                 m.input_quantizer.amax.copy_(act.amax)
         return m
@@ -1115,7 +1141,7 @@ def effective_weight(module: nn.Module) -> Tensor:
         return (module.weight_codes.float() * module.weight_scale).to(_float_dtype(module))
     if isinstance(module, DequantLinear):
         return module.dequantized_weight().to(_float_dtype(module))
-    weight = module.weight.detach()
+    weight = cast(Tensor, module.weight).detach()
     return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
@@ -1146,4 +1172,258 @@ def fake_quant_input(x: Tensor, quantization: tuple[str, int, Tensor | None] | N
         return fake_quant_per_token(x, bits)
     qmax = _sym_qmax(bits)
     xc = _compute(x)
-    return fake_quant(xc, scale.to(xc.dtype), 0.0, -qmax, qmax).to(x.dtype)
+    return fake_quant(xc, cast(Tensor, scale).to(xc.dtype), 0.0, -qmax, qmax).to(x.dtype)  # static: a scale
+
+
+# --------------------------------------------------------------------------- configuration and transforms
+
+#: Allowed weight / activation bit widths, as a user types them.
+BITS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantConfig(TechniqueConfig):
+    """Quantization-aware training settings (the ``compress.quant`` keys), validated on creation.
+
+    Example:
+        >>> cfg = QuantConfig(bits=4, granularity="group", group_size=32, method="lsq")
+        >>> cfg.spec.qmax, cfg.shape()["bits"]
+        (7, 4)
+        >>> QuantConfig(method="dynamic", symmetric=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: symmetric: method 'dynamic' (dynamic scaling) supports symmetric=true only
+    """
+
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "bits", "granularity", "group_size", "symmetric", "method", "activations", "act_bits"
+    )  # fmt: skip
+
+    #: Weight bits: 8 (default), 4 or 2.
+    bits: int = 8
+    #: One weight scale per ``"tensor"``, per output ``"channel"`` (default) or per ``"group"`` of inputs.
+    granularity: str = "channel"
+    #: Inputs per scale with ``granularity="group"`` (default 128); must divide every layer's inputs.
+    group_size: int = 128
+    #: True (default): signed codes, zero point 0; False: unsigned codes and an integer zero point.
+    symmetric: bool = True
+    #: Weight scale: ``"absmax"`` (default, from the weights), ``"pact"`` (learned clip), ``"lsq"``
+    #: (learned step) or ``"dynamic"`` (module-wise dynamic scaling, Tao et al. 2022; symmetric only).
+    method: str = "absmax"
+    #: Inputs: ``"dynamic"`` (default, per token), ``"static"`` (per tensor, calibrated once) or ``"none"``.
+    activations: str = "dynamic"
+    #: Activation bits: 8 (default), 4 or 2.
+    act_bits: int = 8
+    #: Training batches for the static activation calibration (default 8, >= 1).
+    calibration_batches: int = 8
+
+    def __post_init__(self) -> None:
+        check_choice("bits", self.bits, BITS)
+        check_choice("granularity", self.granularity, _GRANULARITIES)
+        check_int("group_size", self.group_size, 1)
+        check_choice("symmetric", self.symmetric, (True, False))
+        check_choice("method", self.method, tuple(WEIGHT_QUANTIZERS))
+        check_choice("activations", self.activations, ACT_MODES)
+        check_choice("act_bits", self.act_bits, BITS)
+        check_int("calibration_batches", self.calibration_batches, 1)
+        if self.method == "dynamic" and not self.symmetric:
+            raise ValueError("symmetric: method 'dynamic' (dynamic scaling) supports symmetric=true only")
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The weight :class:`QuantSpec` of these settings."""
+        return QuantSpec(self.bits, self.granularity, self.group_size, self.symmetric)
+
+
+def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` equal to a GPT-2 ``Conv1D`` (weight ``(in, out)`` transposed, same bias Parameter).
+
+    Example:
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> conv = Conv1D(4, 2)  # (nf=out, nx=in)
+        >>> x = torch.randn(3, 2)
+        >>> torch.allclose(conv1d_to_linear(conv)(x), conv(x))
+        True
+    """
+    weight, bias = cast(nn.Parameter, conv.weight), cast("nn.Parameter | None", conv.bias)
+    in_f, out_f = weight.shape
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.detach().t().contiguous(), weight.requires_grad)
+    linear.bias = bias  # type: ignore[assignment]  # torch types Linear.bias without its None
+    return linear.train(conv.training)
+
+
+def prepare_(
+    network: nn.Module, config: QuantConfig | None = None, names: Iterable[str] | None = None
+) -> dict[str, QuantLinear]:
+    """Swap the named Linear layers of ``network`` for :class:`QuantLinear` in place (QAT).
+
+    The new layers keep the same ``weight`` / ``bias`` Parameters; buffers already on a layer (N:M
+    masks) move to the new one; learned scales are marked ``_no_weight_decay``. GPT-2 ``Conv1D``
+    layers first become the equivalent ``nn.Linear``. Every layer is checked before any is swapped.
+    A layer that already is a :class:`QuantLinear` with the same settings is kept (idempotent).
+
+    Args:
+        network: the model, changed in place.
+        config: the settings (default :class:`QuantConfig()`).
+        names: qualified names of the layers to quantize (default: every Linear / ``Conv1D``).
+
+    Returns:
+        The :class:`QuantLinear` layers by name.
+
+    Raises:
+        ValueError: a name is an embedding (``targets: ...``), not a Linear, already quantized with
+            other settings, a ``Conv1D`` carrying buffers, or ``group_size`` does not divide its inputs.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> sorted(prepare_(net, QuantConfig(bits=4)))
+        ['0', '2']
+        >>> type(net[0]).__name__, net[0].weight_quantizer.spec.bits
+        ('QuantLinear', 4)
+    """
+    config = config or QuantConfig()
+    if names is None:
+        names = [n for n, m in network.named_modules() if n and linear_like(m)]
+    selected = {name: network.get_submodule(name) for name in names}
+    for name, module in selected.items():
+        _check_quantizable(name, module, config)
+    return {name: _swap_in(network, name, module, config) for name, module in selected.items()}
+
+
+def _check_quantizable(name: str, module: nn.Module, config: QuantConfig) -> None:
+    if isinstance(module, nn.Embedding):
+        raise ValueError(
+            f"targets: {name} is an embedding ({type(module).__name__}); token embeddings stay in floating "
+            f"point and only Linear layers can be quantized; narrow the pattern or exclude {name!r}"
+        )
+    if isinstance(module, QuantLinear):
+        act = module.input_quantizer
+        have = (module.weight_quantizer.spec, module.method, act.mode, act.bits)
+        if have != (config.spec, config.method, config.activations, config.act_bits):
+            raise ValueError(f"targets: {name} is already quantized with other settings (two quantizations?)")
+        return
+    if not linear_like(module):
+        raise ValueError(f"targets: {name} is a {type(module).__name__}, not a Linear layer")
+    if is_conv1d(module) and module._buffers:
+        raise ValueError(
+            f"targets: {name} is a GPT-2 Conv1D carrying {sorted(module._buffers)} from another technique "
+            f"(e.g. N:M masks); quantization turns it into a new nn.Linear, which would leave them behind; "
+            f"do not combine both on Conv1D models, or exclude {name!r}"
+        )
+    shape = cast(Tensor, module.weight).shape
+    in_f = shape[0] if is_conv1d(module) else shape[1]
+    if config.granularity == "group" and in_f % config.group_size:
+        raise ValueError(
+            f"group_size: {name} has {in_f} input features, not divisible by group_size={config.group_size}; "
+            f"choose a divisor, another granularity, or exclude {name!r}"
+        )
+
+
+def _swap_in(network: nn.Module, name: str, module: nn.Module, config: QuantConfig) -> QuantLinear:
+    if isinstance(module, QuantLinear):
+        return module  # the same model prepared again (e.g. a second Trainer)
+    linear = conv1d_to_linear(module) if is_conv1d(module) else cast(nn.Linear, module)
+    q = QuantLinear.from_linear(linear, config.spec, config.method, config.activations, config.act_bits)
+    if linear is module:  # buffers other techniques attached (N:M masks) stay with the layer, same tensors
+        for key, buf in module._buffers.items():
+            if key not in q._buffers and buf is not None:
+                q.register_buffer(key, buf, persistent=key not in module._non_persistent_buffers_set)
+    for param in q.weight_quantizer.parameters():
+        param._no_weight_decay = True  # type: ignore[attr-defined]
+    _replace(network, name, q)
+    return q
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def static_quantizers(network: nn.Module) -> list[ActivationQuantizer]:
+    """The static-mode input quantizers of ``network`` (those :func:`calibrate_` measures)."""
+    return [m for m in network.modules() if isinstance(m, ActivationQuantizer) and m.mode == "static"]
+
+
+@contextmanager
+def calibrating(network: nn.Module) -> Iterator[list[ActivationQuantizer]]:
+    """Inside the block, static input quantizers record ``max|x|`` (from zero) instead of quantizing."""
+    quantizers = static_quantizers(network)
+    for aq in quantizers:
+        aq.amax.zero_()
+        aq.calibrating = True
+    try:
+        yield quantizers
+    finally:
+        for aq in quantizers:
+            aq.calibrating = False
+
+
+@torch.no_grad()
+def calibrate_(network: nn.Module, batches: Iterable[Any], run: Callable[[Any], Any] | None = None) -> int:
+    """Measure the static activation ranges (``amax``) of ``network`` on ``batches``, in eval mode.
+
+    Args:
+        network: a model prepared with ``activations="static"``.
+        batches: the calibration batches (dicts are passed as keyword arguments).
+        run: how to forward one batch (default: ``network(**batch)`` or ``network(batch)``).
+
+    Returns:
+        The number of batches seen.
+
+    Raises:
+        RuntimeError: ``batches`` was empty (the ranges would stay zero).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 2))
+        >>> _ = prepare_(net, QuantConfig(activations="static"))
+        >>> calibrate_(net, [torch.ones(1, 4) * 3]), float(net[0].input_quantizer.amax)
+        (1, 3.0)
+    """
+    run = run or (lambda b: network(**b) if isinstance(b, Mapping) else network(b))
+    flags = [(m, m.training) for m in network.modules()]
+    seen = 0
+    with calibrating(network):
+        network.eval()
+        try:
+            for batch in batches:
+                run(batch)
+                seen += 1
+        finally:
+            for module, flag in flags:
+                module.training = flag
+    if not seen:
+        raise RuntimeError("activations='static': no batch to calibrate on (empty dataloader)")
+    return seen
+
+
+def convert_(network: nn.Module) -> dict[str, nn.Module]:
+    """Fold every :class:`QuantLinear` of ``network`` into its inference layer, in place.
+
+    :class:`Int8Linear` where the integer kernel applies (symmetric per-tensor/channel weights, 8-bit
+    activations), else :class:`DequantLinear`; both compute what the QAT layer computes with
+    gradients off. The export (:mod:`lightcook.export`) stores the same codes on disk.
+
+    Returns:
+        The new layers by name.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
+        >>> _ = prepare_(net, QuantConfig(bits=8))
+        >>> x = torch.randn(3, 8)
+        >>> with torch.no_grad():
+        ...     before = net(x)
+        >>> sorted(type(m).__name__ for m in convert_(net).values())
+        ['Int8Linear', 'Int8Linear']
+        >>> torch.equal(net(x), before)
+        True
+    """
+    quantized = {n: m for n, m in network.named_modules() if n and isinstance(m, QuantLinear)}
+    converted: dict[str, nn.Module] = {}
+    for name, q in quantized.items():
+        compatible = _int8_incompatibility(q.weight_quantizer.spec, q.input_quantizer) is None
+        converted[name] = (
+            Int8Linear.from_quant_linear(q) if compatible else DequantLinear.from_quant_linear(q)
+        )
+        _replace(network, name, converted[name])
+    return converted

@@ -1,4 +1,4 @@
-"""Physically cut heads, FFN neurons and whole blocks out of a model; save and reload the result.
+"""Physically cut heads, FFN neurons and whole blocks out of a model; describe and rebuild its shapes.
 
 A :class:`BlockPlan` per block says which units stay and with which gate values. :func:`slice_model`
 folds the values into the output projection (so the sliced model computes exactly what the gated
@@ -7,16 +7,14 @@ model computed), cuts every projection to the kept channels, replaces removed bl
 allows it, and updates the Hugging Face config (layer count; head counts and FFN width when they
 are the same in every kept layer).
 
-Per-layer head counts and FFN widths are not representable in a plain Hugging Face config, so the
-export (:func:`save_sliced`) writes the usual ``config.json`` + ``model.safetensors`` plus the
-per-block shapes in ``lightcook.json``; :func:`load_sliced` rebuilds the model from the config with
-the Hugging Face class, resizes each layer's projections and loads the weights. The result is an
-ordinary ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` / ``T5ForConditionalGeneration`` instance of the
-smaller shape. When every layer keeps the same shape and no block is removed, the folder also loads
-with plain ``from_pretrained``.
+Per-layer head counts and FFN widths are not representable in a plain Hugging Face config:
+:func:`describe_structure` gives the per-block shapes and :func:`apply_structure` resizes a model
+freshly built from the config to them, so that the export (the structured codec of
+:mod:`lightcook.export`) rebuilds an ordinary ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` /
+``T5ForConditionalGeneration`` instance of the smaller shape.
 
 Example:
-    >>> import tempfile, torch
+    >>> import torch
     >>> from transformers import AutoConfig, AutoModelForCausalLM
     >>> cfg = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64,
     ...                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -26,9 +24,10 @@ Example:
     >>> model = slice_model(model, plan)
     >>> model.model.layers[0].mlp.down_proj.in_features, type(model.model.layers[1].self_attn).__name__
     (40, 'ZeroAttention')
-    >>> out = save_sliced(model, tempfile.mkdtemp() + "/sliced")
+    >>> rebuilt = apply_structure(AutoModelForCausalLM.from_config(cfg), describe_structure(model))
+    >>> _ = rebuilt.load_state_dict(model.state_dict())
     >>> ids = torch.randint(0, 64, (1, 8))
-    >>> torch.allclose(load_sliced(out)(ids).logits, model(ids).logits, atol=1e-6)
+    >>> torch.allclose(rebuilt.eval()(ids).logits, model(ids).logits, atol=1e-6)
     True
 """
 
@@ -36,14 +35,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightcook.export.common import load_plain_tensors, model_from_config, read_export, write_export
 from lightcook.ops.architectures import (
     ATTENTION,
     BLOCK_GATE,
@@ -57,7 +54,6 @@ from lightcook.ops.architectures import (
     is_conv1d,
     is_removed,
     iter_layers,
-    layer_parameter_count,
     resolve_blocks,
 )
 from lightcook.ops.hard_concrete import GateSet, detach_gates
@@ -309,7 +305,7 @@ def _update_config(model: nn.Module, arch: Architecture) -> None:
         setattr(config, arch.ffn_config, widths.pop())
 
 
-# --------------------------------------------------------------------------- structure, save, load
+# --------------------------------------------------------------------------- structure
 
 
 def describe_structure(
@@ -367,61 +363,6 @@ def apply_structure(
     return model
 
 
-def save_sliced(
-    model: nn.Module,
-    path: str | Path,
-    architecture: str | Mapping[str, Any] | Architecture | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a sliced model atomically: HF config, safetensors, and the per-block shapes.
-
-    Args:
-        model: a sliced (gate-free) Hugging Face model.
-        path: the export folder (replaced atomically).
-        architecture: layout override; a registered name or dict is recorded for :func:`load_sliced`.
-        extra: more JSON data for the manifest's ``structured`` entry (sizes, sparsity, ...).
-
-    Raises:
-        ValueError: the model still carries gates (slice it first).
-    """
-    if hasattr(model, "lightcook_gates"):
-        raise ValueError("save_sliced: the model still carries gates; call slice_model(model) first")
-    arch = get_architecture(model, architecture)
-    record = architecture if isinstance(architecture, str | Mapping) else arch.name
-    manifest = {
-        FORMAT: {
-            "architecture": dict(record) if isinstance(record, Mapping) else record,
-            "layer_parameters": layer_parameter_count(model, arch),
-            "blocks": describe_structure(model, arch),
-            **dict(extra or {}),
-        },
-        "layers": {},
-    }
-    return write_export(path, model, dict(model.state_dict()), manifest)
-
-
-def load_sliced(
-    path: str | Path, architecture: str | Mapping[str, Any] | Architecture | None = None
-) -> nn.Module:
-    """Rebuild the Hugging Face model of a :func:`save_sliced` folder, in eval mode.
-
-    Raises:
-        ValueError: not a lightcook export, no structured entry, or weights that do not fit.
-    """
-    manifest, tensors, config = read_export(path)
-    entry = manifest.get(FORMAT)
-    if entry is None or config is None:
-        raise ValueError(f"{path}: not a structured-pruning export (no {FORMAT!r} entry or no config.json)")
-    model = model_from_config(config)
-    arch = get_architecture(model, architecture or entry.get("architecture"))
-    apply_structure(model, entry["blocks"], arch)
-    load_plain_tensors(model, tensors, manifest, compressed=set())
-    unexpected = sorted(set(tensors) - set(model.state_dict()))
-    if unexpected:
-        raise ValueError(f"{path}: tensors {unexpected[:4]} do not belong to the rebuilt model")
-    return model.eval()
-
-
 @torch.no_grad()
 def gate_summary(gate_set: GateSet) -> dict[str, Any]:
     """Expected/deterministic sizes and kept units per kind, for logs and manifests."""
@@ -444,9 +385,7 @@ __all__ = [
     "cut_block",
     "describe_structure",
     "gate_summary",
-    "load_sliced",
     "plan_from_gates",
     "remove_block",
-    "save_sliced",
     "slice_model",
 ]

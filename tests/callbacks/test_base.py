@@ -12,7 +12,7 @@ from lightcook.callbacks.base import (
     select_modules,
 )
 from lightcook.modules import CausalLMModule
-from tests.conftest import TINY_LLAMA
+from tests.helpers import TINY_LLAMA
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ class _CountingCallback(CompressionCallback):
 def test_prepare_once_and_hook_every_optimizer_step(tmp_path):
     from torch.utils.data import DataLoader
 
-    from tests.conftest import random_batch
+    from tests.helpers import random_batch
 
     module = CausalLMModule(config=TINY_LLAMA)
     cb = _CountingCallback()
@@ -146,7 +146,7 @@ def test_structural_changes_follow_canonical_order_not_list_order(tmp_path, list
     trainer = Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     from torch.utils.data import DataLoader
 
-    from tests.conftest import random_batch
+    from tests.helpers import random_batch
 
     trainer.validate(
         CausalLMModule(config=TINY_LLAMA), DataLoader([random_batch()], batch_size=None), verbose=False
@@ -186,7 +186,7 @@ def test_gloo_group_is_destroyed_at_exit(tmp_path, monkeypatch):
 def test_compression_setup_registers_the_gloo_teardown(tmp_path, monkeypatch):
     """The helper above is only useful if the callbacks' setup calls it (the ddp_spawn tests flake without)."""
     from lightcook.callbacks import base
-    from tests.conftest import make_trainer, token_loader
+    from tests.helpers import make_trainer, token_loader
 
     calls = []
     monkeypatch.setattr(base, "destroy_gloo_group_at_exit", lambda: calls.append(1))

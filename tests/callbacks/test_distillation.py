@@ -1,10 +1,12 @@
-"""DistillationCallback in real Trainer runs: loss composition, teacher isolation, projections through
-checkpoint/resume, causal and encoder-decoder models, composition with pruning, the Hydra app, errors."""
+"""DistillationCallback in real Trainer runs: loss composition through the base's loss hook (the
+module's own training_step runs), teacher isolation, projections and the memory bank through
+checkpoint/resume, the resume guard, causal and encoder-decoder models, user modules with the network
+anywhere, composition with pruning, the Hydra app, errors."""
 
 from __future__ import annotations
 
 import csv
-import inspect
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,28 +18,23 @@ from torch import nn
 
 from lightcook.app import CONFIG_DIR, train
 from lightcook.callbacks.base import CompressionCallback, replace_module
-from lightcook.callbacks.distillation import DistillationCallback, parse_hidden_map
+from lightcook.callbacks.distillation import DistillationCallback
 from lightcook.callbacks.quantization import QuantizationCallback
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.modules import CausalLMModule, Seq2SeqLMModule
-from tests.conftest import TINY_LLAMA, make_trainer
-
-# A wider, deeper teacher with the same vocabulary: projections and the uniform layer map are exercised.
-WIDE_LLAMA = {**TINY_LLAMA, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 4}
-TINY_T5 = {
-    "model_type": "t5",
-    "vocab_size": 256,
-    "d_model": 32,
-    "d_kv": 8,
-    "d_ff": 64,
-    "num_layers": 2,
-    "num_decoder_layers": 2,
-    "num_heads": 4,
-    "dropout_rate": 0.0,
-    "decoder_start_token_id": 0,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-}
+from lightcook.ops.distill import KDConfig
+from tests.helpers import TINY_LLAMA, make_trainer
+from tests.helpers.distillation import (
+    TINY_T5,
+    WIDE_LLAMA,
+    ExtraLossModule,
+    ManualModule,
+    StepOutputs,
+    causal_loader,
+    extra_term,
+    seq2seq_loader,
+    student,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,43 +46,14 @@ def wide_teacher(tmp_path_factory) -> Path:
     return path
 
 
-def causal_loader(rows: int = 6, length: int = 16, pad_first: int = 4, seed: int = 0):
-    """Random token rows; the first row ends in ``pad_first`` padding positions."""
-    ids = torch.randint(2, 256, (rows, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[0, length - pad_first :] = 0
-    items = [{"input_ids": i, "attention_mask": m, "labels": i.clone()} for i, m in zip(ids, mask)]
-    return torch.utils.data.DataLoader(items, batch_size=2)
-
-
-def seq2seq_loader(rows: int = 4, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    ids, labels = (
-        torch.randint(2, 256, (rows, 12), generator=gen),
-        torch.randint(2, 256, (rows, 6), generator=gen),
+def kl_reference(student_logits, teacher_logits, real, temperature):
+    """T² · KL(teacher ‖ student) over the real positions, from F.kl_div."""
+    return temperature**2 * F.kl_div(
+        F.log_softmax(student_logits[real] / temperature, -1),
+        F.log_softmax(teacher_logits[real] / temperature, -1),
+        log_target=True,
+        reduction="batchmean",
     )
-    mask = torch.ones_like(ids)
-    mask[0, 9:] = 0
-    labels[0, 4:] = -100
-    items = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels)]
-    return torch.utils.data.DataLoader(items, batch_size=2)
-
-
-def student(**kwargs) -> CausalLMModule:
-    torch.manual_seed(0)
-    return CausalLMModule(config=TINY_LLAMA, lr=1e-2, min_lr_ratio=1.0, **kwargs)
-
-
-class StepOutputs(Callback):
-    """Records what each training step returned and logged."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.metrics: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 # --------------------------------------------------------------------------- loss composition
@@ -98,23 +66,14 @@ def test_loss_is_task_plus_scaled_kd_and_matches_reference(tmp_path, wide_teache
     with torch.no_grad():  # reference at the initial weights, from HF outputs and F.kl_div
         task_ref, s_out = module.compute_loss(batch)
         t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    real = batch["attention_mask"].bool()
-    kl_ref = 4.0 * F.kl_div(
-        F.log_softmax(s_out.logits[real] / 2, -1),
-        F.log_softmax(t_logits[real] / 2, -1),
-        log_target=True,
-        reduction="batchmean",
-    )
+    kl_ref = kl_reference(s_out.logits, t_logits, batch["attention_mask"].bool(), 2.0)
     kd = DistillationCallback(teacher=str(wide_teacher), temperature=2.0, task_scale=0.5, logits_scale=3.0)
     record = StepOutputs()
     make_trainer(tmp_path, [kd, record], max_steps=1).fit(module, loader)
     first = record.metrics[0]
-    assert first["train/kd_logits"] == pytest.approx(float(kl_ref), rel=1e-4)
-    assert first["train/task_loss"] == pytest.approx(float(task_ref), rel=1e-5)
-    assert record.losses[0] == pytest.approx(
-        0.5 * first["train/task_loss"] + 3.0 * first["train/kd_logits"], rel=1e-5
-    )
-    assert first["train/loss"] == pytest.approx(record.losses[0], rel=1e-6)
+    assert first["compress/kd/logits"] == pytest.approx(3.0 * float(kl_ref), rel=1e-4)  # already weighted
+    assert first["train/loss"] == pytest.approx(float(task_ref), rel=1e-5)  # the module's own logging
+    assert record.losses[0] == pytest.approx(0.5 * float(task_ref) + 3.0 * float(kl_ref), rel=1e-4)
     assert "training_step" not in module.__dict__  # the wrapper is gone after fit
 
 
@@ -164,7 +123,14 @@ def test_teacher_frozen_outside_parameters_and_checkpoint(tmp_path, wide_teacher
     }
     teacher_only = {f"model.{k}" for k in teacher.state_dict()} - set(module.state_dict())
     assert teacher_only and not teacher_only & keys  # e.g. model.model.layers.3.* exist only in the teacher
-    assert saved["callbacks"]["DistillationCallback"] == {"kd_steps": 3}
+    assert saved["callbacks"]["DistillationCallback"] == {
+        "kd_steps": 3,
+        "_config": {
+            "hidden_map": ["model.layers.1:model.layers.3"],
+            "projection": True,
+            "memory_bank_size": 0,
+        },
+    }
 
 
 def test_projection_trains_and_survives_resume(tmp_path, wide_teacher):
@@ -216,7 +182,7 @@ def test_contrastive_memory_bank_survives_resume(tmp_path, wide_teacher):
     make_trainer(tmp_path / "b", [first, ckpt], max_steps=2, enable_checkpointing=True).fit(student(), loader)
     saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["callbacks"][first.state_key]
     assert saved["memory_bank"].shape == (40, 48)  # two batches of real tokens, the newest 40 kept
-    assert torch.equal(saved["memory_bank"], first._bank)
+    assert torch.equal(saved["memory_bank"], first.bank.tensor)
 
     resumed, callback = student(), kd()
     make_trainer(tmp_path / "c", [callback], max_steps=5).fit(
@@ -253,14 +219,14 @@ def test_causal_all_terms_with_deeper_wider_bf16_teacher(tmp_path, wide_teacher)
 
     record = StepOutputs()
     make_trainer(tmp_path, [kd, Probe(), record], max_steps=3).fit(module, causal_loader())
-    assert kd._attention_pairs == {"attentions": [(0, 1), (1, 3)]}  # uniform: 2 student layers, 4 teacher
+    assert kd.plan.attention_pairs == {"attentions": [(0, 1), (1, 3)]}  # uniform: 2 student layers, 4 teacher
     assert seen["attn"] == ("eager", "eager")
     assert module.model.config._attn_implementation == "sdpa"  # restored at teardown
     assert next(kd.teacher_model.parameters()).dtype == torch.bfloat16
     assert set(module.kd_projections) == {"hidden_0", "contrastive"}
-    assert kd._bank.shape == (20, 48)
+    assert kd.bank.tensor.shape == (20, 48)
     for metrics in record.metrics:
-        terms = [metrics[f"train/kd_{k}"] for k in ("logits", "hidden", "attention", "contrastive")]
+        terms = [metrics[f"compress/kd/{k}"] for k in ("logits", "hidden", "attention", "contrastive")]
         assert all(torch.isfinite(torch.tensor(terms))) and all(v > 0 for v in terms)
 
 
@@ -276,12 +242,12 @@ def test_encoder_decoder_t5_all_terms(tmp_path):
     )
     record = StepOutputs()
     make_trainer(tmp_path, [kd, record], max_steps=2).fit(module, seq2seq_loader())
-    assert kd._hidden_sides == ["encoder", "decoder"]
-    assert set(kd._attention_pairs) == {"encoder_attentions", "decoder_attentions"}
-    assert record.metrics[0]["train/kd_logits"] == pytest.approx(
+    assert kd.plan.hidden_sides == ["encoder", "decoder"]
+    assert set(kd.plan.attention_pairs) == {"encoder_attentions", "decoder_attentions"}
+    assert record.metrics[0]["compress/kd/logits"] == pytest.approx(
         0.0, abs=1e-6
     )  # teacher == student at step 0
-    assert record.metrics[1]["train/kd_logits"] > 1e-6 and record.metrics[1]["train/kd_hidden"] > 0
+    assert record.metrics[1]["compress/kd/logits"] > 1e-6 and record.metrics[1]["compress/kd/hidden"] > 0
     for key, value in kd.teacher_model.state_dict().items():  # the teacher is the untrained start
         assert torch.equal(value, initial[key]), key
     assert not any(p is q for p in module.parameters() for q in kd.teacher_model.parameters())
@@ -308,10 +274,109 @@ def test_padding_changes_no_kd_term(tmp_path):
             [{k: v[i] for k, v in batch.items()} for i in range(2)], batch_size=2
         )
         make_trainer(tmp_path, [kd, record], max_steps=1).fit(module, loader)
-        values.append({k: v for k, v in record.metrics[0].items() if k.startswith("train/")})
-    assert values[0].keys() == values[1].keys()
+        values.append(
+            {k: v for k, v in record.metrics[0].items() if k.startswith(("train/", "compress/kd/"))}
+        )
+    assert values[0].keys() == values[1].keys() and len(values[0]) == 5  # train/loss + four terms
     for key in values[0]:
         assert values[1][key] == pytest.approx(values[0][key], rel=1e-4, abs=1e-6), key
+
+
+# --------------------------------------------------------------------------- a user's own module
+
+
+def test_user_training_step_runs_and_loss_is_its_loss_scaled_plus_kd(tmp_path, wide_teacher):
+    module, loader = ExtraLossModule(), causal_loader()
+    assert not hasattr(module, "compute_loss")
+    batch = next(iter(loader))
+    teacher = CausalLMModule(name_or_path=str(wide_teacher)).model.eval()
+    with torch.no_grad():  # hand computation at the initial weights
+        out = module.backbone(**batch)
+        extra_ref = extra_term(out.logits)
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    kl_ref = kl_reference(out.logits, t_logits, batch["attention_mask"].bool(), 2.0)
+    kd = DistillationCallback(teacher=str(wide_teacher), temperature=2.0, task_scale=0.5, logits_scale=3.0)
+    record = StepOutputs()
+    trainer = make_trainer(tmp_path, [kd, record], max_steps=3)
+    trainer.fit(module, loader)
+    assert module.calls == 3 and kd.state["kd_steps"] == 3  # the user's training_step ran every step
+    assert record.metrics[0]["train/extra"] == pytest.approx(float(extra_ref), rel=1e-5)
+    assert "train/extra" in trainer.callback_metrics and "compress/kd/logits" in trainer.callback_metrics
+    expected = 0.5 * (float(out.loss) + float(extra_ref)) + 3.0 * float(kl_ref)
+    assert record.losses[0] == pytest.approx(expected, rel=1e-4)
+    assert record.metrics[0]["compress/kd/logits"] == pytest.approx(3.0 * float(kl_ref), rel=1e-4)
+    assert "training_step" not in module.__dict__
+
+
+def test_network_found_in_backbone_by_default_and_by_network_argument(tmp_path):
+    hidden = {"hidden_scale": 1.0, "hidden_map": ["model.layers.0:model.layers.1"]}
+    module, kd = ExtraLossModule(), DistillationCallback(**hidden)  # the single pretrained model
+    record = StepOutputs()
+    make_trainer(tmp_path, [kd, record], max_steps=2).fit(module, causal_loader())
+    assert record.metrics[1]["compress/kd/hidden"] > 0 and record.metrics[1]["compress/kd/logits"] > 0
+    assert kd.state["kd_steps"] == 2
+
+    two = lambda: ExtraLossModule(attr="student", second="reference")  # noqa: E731
+    with pytest.raises(
+        ValueError, match=r"compress.kd.network: .* holds several pretrained models \(.*student"
+    ):
+        make_trainer(tmp_path, [DistillationCallback(**hidden)], max_steps=1).fit(two(), causal_loader())
+    module, kd = two(), DistillationCallback(network="student", **hidden)
+    initial = {k: v.clone() for k, v in module.student.state_dict().items()}
+    make_trainer(tmp_path, [kd], max_steps=1).fit(module, causal_loader())
+    teacher_state = kd.teacher_model.state_dict()
+    assert all(
+        torch.equal(teacher_state[k], v) for k, v in initial.items()
+    )  # the teacher is `student`'s start
+    assert kd.state["kd_steps"] == 1
+
+
+def test_manual_optimization_fails_in_setup_saying_why(tmp_path):
+    with pytest.raises(TypeError, match=r"^compress.kd: add loss terms .* manual optimization"):
+        make_trainer(tmp_path, [DistillationCallback()], max_steps=1).fit(ManualModule(), causal_loader())
+
+
+def test_resume_guard_names_the_changed_shape_field(tmp_path):
+    def kd(**kwargs) -> DistillationCallback:
+        return DistillationCallback(
+            hidden_scale=1.0, **{"hidden_map": ["model.layers.0:model.layers.1"], **kwargs}
+        )
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "a", save_last=True)
+    make_trainer(tmp_path / "a", [kd(), ckpt], max_steps=2, enable_checkpointing=True).fit(
+        student(), causal_loader()
+    )
+    last = tmp_path / "a" / "last.ckpt"
+    with pytest.raises(
+        ValueError,
+        match=r"^compress.kd.hidden_map: the checkpoint .*last.ckpt was trained with \['model.layers.0:model.layers.1'\], "
+        r"this run has \['model.layers.1:model.layers.1'\]",
+    ):
+        make_trainer(tmp_path / "b", [kd(hidden_map=["model.layers.1:model.layers.1"])], max_steps=3).fit(
+            student(), causal_loader(), ckpt_path=last
+        )
+    with pytest.raises(
+        ValueError, match=r"^compress.kd.memory_bank_size: the checkpoint .* with 0, this run has 8"
+    ):
+        make_trainer(tmp_path / "c", [kd(contrastive_scale=1.0, memory_bank_size=8)], max_steps=3).fit(
+            student(), causal_loader(), ckpt_path=last
+        )
+    resumed = kd(temperature=3.0)  # not a shape field: resuming with another temperature is fine
+    make_trainer(tmp_path / "d", [resumed], max_steps=3).fit(student(), causal_loader(), ckpt_path=last)
+    assert resumed.state["kd_steps"] == 3
+
+
+def test_a_second_fit_of_the_same_module_distils_again(tmp_path):
+    module, kd = student(), DistillationCallback()  # the benchmarks refit one module with one callback
+    make_trainer(tmp_path, [kd], max_steps=1).fit(module, causal_loader())
+    make_trainer(tmp_path, [kd], max_steps=1).fit(module, causal_loader())
+    assert kd.state["kd_steps"] == 2
+
+
+def test_summary_is_primitives(tmp_path):
+    kd = DistillationCallback(contrastive_scale=0.5)
+    make_trainer(tmp_path, [kd], max_steps=1).fit(student(), causal_loader())
+    assert kd.summary() == {"teacher": "student", "terms": ["logits", "contrastive"], "kd_steps": 1}
 
 
 # --------------------------------------------------------------------------- composition
@@ -337,13 +402,13 @@ def test_with_pruning_and_quantization_the_teacher_stays_dense(tmp_path, listed)
         q_teacher.weight, initial["model.layers.0.self_attn.q_proj.weight"]
     )  # dense, untouched
     assert not any("mask" in k or "quant" in k for k in kd.teacher_model.state_dict())
-    assert record.metrics[0]["train/kd_logits"] > 1e-4  # the compressed student differs from the teacher
+    assert record.metrics[0]["compress/kd/logits"] > 1e-4  # the compressed student differs from the teacher
 
 
 class _WrapDownProj(CompressionCallback):
     """A compression callback that restructures the model in setup (a module swap)."""
 
-    config_key = "compress.swap"
+    technique = "swap"
 
     def __init__(self, order: int) -> None:
         super().__init__()
@@ -390,10 +455,11 @@ def test_app_plus_compress_kd_logs_kd_terms(compose):
     summary = train(cfg)
     with open(Path(summary["run_dir"]) / "csv" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
-    logged = [float(r["train/kd_logits"]) for r in rows if r.get("train/kd_logits")]
+    logged = [float(r["compress/kd/logits"]) for r in rows if r.get("compress/kd/logits")]
     assert len(logged) == 2 and logged[0] == pytest.approx(0.0, abs=1e-6) and logged[1] > 0
-    assert any(r.get("train/kd_hidden") for r in rows) and any(r.get("train/task_loss") for r in rows)
-    assert summary["compress"] == ["kd"] and summary["val_ppl_after"] is not None
+    assert any(r.get("compress/kd/hidden") for r in rows) and any(r.get("train/loss") for r in rows)
+    assert summary["compress"] == {"kd": {"teacher": "student", "terms": ["logits", "hidden"], "kd_steps": 2}}
+    assert summary["val_ppl_after"] is not None
 
 
 def test_kd_yaml_lists_and_comments_every_argument():
@@ -403,8 +469,8 @@ def test_kd_yaml_lists_and_comments_every_argument():
         lines[0] == "# @package compress.kd"
     )  # lands under cfg.compress.kd (Hydra 1.3 has no _group_/_name_)
     node = yaml.safe_load(path.read_text())
-    arguments = set(inspect.signature(DistillationCallback).parameters)
-    assert set(node) - {"_target_"} == arguments
+    fields = {f.name for f in dataclasses.fields(KDConfig)}
+    assert set(node) - {"_target_"} == fields | {"name", "network"}  # every field; base args that apply
     for line in lines[1:]:
         if line.strip() and not line.lstrip().startswith("#") and not line.startswith("_target_"):
             assert " # " in line, f"uncommented field: {line}"
@@ -417,36 +483,63 @@ def test_kd_yaml_lists_and_comments_every_argument():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"logits_scale": 0.0}, r"compress.kd: every distillation scale is 0"),
-        ({"logits_scale": -1.0}, r"compress.kd.logits_scale: must be a finite number >= 0"),
-        ({"hidden_scale": 1.0}, r"compress.kd.hidden_map: hidden_scale > 0 needs"),
+        ({"logits_scale": 0.0}, r"^compress.kd.logits_scale: every distillation scale is 0"),
+        ({"logits_scale": -1.0}, r"^compress.kd.logits_scale: must lie in \[0.0, inf\], got -1.0"),
+        ({"hidden_scale": float("inf")}, r"^compress.kd.hidden_scale: must be a finite number >= 0"),
+        ({"hidden_scale": 1.0}, r"^compress.kd.hidden_map: hidden_scale > 0 needs"),
         (
             {"hidden_scale": 1.0, "hidden_map": ["model.layers.0"]},
-            r"compress.kd.hidden_map\[0\]: 'model.layers.0' is not",
+            r"^compress.kd.hidden_map\[0\]: 'model.layers.0' is not",
         ),
         (
             {"hidden_scale": 1.0, "hidden_map": ["[mid]a:b"]},
-            r"compress.kd.hidden_map\[0\]: unknown point \[mid\]",
+            r"^compress.kd.hidden_map\[0\]: unknown point \[mid\]",
         ),
-        ({"teacher_dtype": "int8"}, r"compress.kd.teacher_dtype: got 'int8', allowed: null, float32"),
-        ({"temperature": 0}, r"compress.kd.temperature: must be > 0"),
-        ({"attention_kind": "l1"}, r"compress.kd.attention_kind: got 'l1', allowed: mse, kl"),
+        ({"teacher_dtype": "int8"}, r"^compress.kd.teacher_dtype: got 'int8'; allowed: None, 'float32'"),
+        ({"temperature": 0}, r"^compress.kd.temperature: must be > 0"),
+        ({"attention_kind": "l1"}, r"^compress.kd.attention_kind: got 'l1'; allowed: 'mse', 'kl'"),
         (
             {"attention_layers": ["0-1"]},
-            r"compress.kd.attention_layers\[0\]: expected 'student_layer:teacher_layer'",
+            r"^compress.kd.attention_layers\[0\]: expected 'student_layer:teacher_layer'",
         ),
         (
             {"contrastive_negatives": "queue"},
-            r"compress.kd.contrastive_negatives: got 'queue', allowed: sequence, batch",
+            r"^compress.kd.contrastive_negatives: got 'queue'; allowed: 'sequence', 'batch'",
         ),
-        ({"memory_bank_size": -1}, r"compress.kd.memory_bank_size"),
-        ({"teacher": ""}, r"compress.kd.teacher"),
-        ({"logits_scale": 0.0, "name": "kd2"}, r"compress.kd2: every distillation scale is 0"),
+        ({"memory_bank_size": -1}, r"^compress.kd.memory_bank_size: must lie in \[0, inf\]"),
+        ({"projection": "yes"}, r"^compress.kd.projection: got 'yes'; allowed: True, False"),
+        ({"teacher": ""}, r"^compress.kd.teacher: 'student' or a model path"),
+        ({"tempreature": 2.0}, r"^compress.kd.tempreature: unknown key; allowed: teacher, teacher_dtype"),
+        ({"logits_scale": 0.0, "name": "kd2"}, r"^compress.kd2.logits_scale: every distillation scale is 0"),
+        ({"targets": ["*.mlp.*"]}, r"^compress.kd.targets: distillation selects no modules"),
+        (
+            {"config": KDConfig(), "temperature": 2.0},
+            r"^compress.kd.temperature: given both in config= and as an option",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as info:
         DistillationCallback(**kwargs)
+    assert str(info.value).count("compress.") == 1 or "compress.kd.projection" in str(
+        info.value
+    )  # prefix once
+
+
+def test_config_object_or_options_and_no_positional_teacher():
+    config = KDConfig(temperature=2.0, hidden_scale=1.0, hidden_map=["model.layers.0:model.layers.1"])
+    assert DistillationCallback(config).config is config
+    assert (
+        DistillationCallback(
+            temperature=2.0, hidden_scale=1.0, hidden_map=["model.layers.0:model.layers.1"]
+        ).config
+        == config
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"compress.kd.config: must be a KDConfig, got str; or give its fields as keyword options",
+    ):
+        DistillationCallback("student")
 
 
 @pytest.mark.parametrize(
@@ -454,23 +547,23 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
     [
         (
             {"hidden_scale": 1.0, "hidden_map": ["model.layers.7:model.layers.1"]},
-            r"compress.kd.hidden_map\[0\]: the student has no module 'model.layers.7'",
+            r"^compress.kd.hidden_map\[0\]: the student has no module 'model.layers.7'",
         ),
         (
             {"hidden_scale": 1.0, "hidden_map": ["model.layers.1:model.layers.9"]},
-            r"compress.kd.hidden_map\[0\]: the teacher has no module 'model.layers.9'",
+            r"^compress.kd.hidden_map\[0\]: the teacher has no module 'model.layers.9'",
         ),
         (
             {"hidden_scale": 1.0, "hidden_map": ["model.layers.1:model.layers.3"], "projection": False},
-            r"compress.kd.hidden_map\[0\]: widths differ \(student 32, teacher 48\) and compress.kd.projection is false",
+            r"^compress.kd.hidden_map\[0\]: widths differ \(student 32, teacher 48\) and projection is false",
         ),
         (
             {"contrastive_scale": 1.0, "projection": False},
-            r"compress.kd.contrastive_scale: widths differ \(student 32, teacher 48\)",
+            r"^compress.kd.contrastive_scale: widths differ \(student 32, teacher 48\)",
         ),
         (
             {"attention_scale": 1.0, "attention_layers": ["1:4"]},
-            r"compress.kd.attention_layers: pair 1:4 is out of range",
+            r"^compress.kd.attention_layers: pair 1:4 is out of range",
         ),
     ],
 )
@@ -484,7 +577,7 @@ def test_vocabulary_mismatch_and_missing_teacher(tmp_path):
     other = tmp_path / "other_vocab"
     CausalLMModule(config={**TINY_LLAMA, "vocab_size": 300}).model.save_pretrained(other)
     with pytest.raises(
-        ValueError, match=r"compress.kd.teacher: vocabulary mismatch: .* 300 tokens, the student 256"
+        ValueError, match=r"^compress.kd.teacher: vocabulary mismatch: .* 300 tokens, the student 256"
     ):
         make_trainer(tmp_path, [DistillationCallback(teacher=str(other))], max_steps=2).fit(
             student(), causal_loader()
@@ -493,16 +586,6 @@ def test_vocabulary_mismatch_and_missing_teacher(tmp_path):
         make_trainer(tmp_path, [DistillationCallback(teacher=str(tmp_path / "nowhere"))], max_steps=2).fit(
             student(), causal_loader()
         )
-
-
-def test_parse_hidden_map_defaults_to_post():
-    (pair,) = parse_hidden_map([" [pre]model.layers.0 : model.layers.2 "])
-    assert (pair.student, pair.student_point, pair.teacher, pair.teacher_point) == (
-        "model.layers.0",
-        "pre",
-        "model.layers.2",
-        "post",
-    )
 
 
 # --------------------------------------------------------------------------- the real model

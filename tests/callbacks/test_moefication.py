@@ -1,5 +1,6 @@
 """MoEficationCallback in real Lightning runs: FFN swap, the split at split_step after restore,
-ReLU-fication, router fine-tuning, crash-and-resume, DDP, misconfiguration, the app."""
+ReLU-fication, router fine-tuning through the ``router`` loss term, crash-and-resume and the resume
+guard, DDP, a network stored as ``backbone``, misconfiguration, the app."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from torch import nn
 
 from lightcook.app import train
 from lightcook.callbacks.moefication import HEATMAP, REPORT, MoEficationCallback
-from lightcook.export.moe import load_moe
+from lightcook.export import load_compressed, read_manifest, save_compressed
 from lightcook.modules import CausalLMModule
-from lightcook.ops.moe import MoEFFN
-from tests.conftest import TINY_LLAMA, CrashAt, keys_differing_across_ranks, make_trainer, token_loader
+from lightcook.ops.moe import MoEConfig, MoEFFN
+from tests.helpers import TINY_LLAMA, CrashAt, keys_differing_across_ranks, make_trainer, token_loader
+from tests.helpers.structured_moe import BackboneModule
 
 VOCAB, LAYERS, D_FF = 256, 2, 64
 
@@ -83,7 +85,9 @@ def test_split_at_step_zero_partitions_permutes_and_routes(tmp_path):
         assert bool(moe.routed) and moe.top_k == 2 and moe.expert_size == D_FF // 8
         # one step of training after the split; the permutation was applied to the original rows
         assert torch.allclose(moe.gate_proj.weight, originals[i][moe.perm], atol=0.05)
-    assert cb.exports == {"moe": str(tmp_path / "moe")}
+    summary = cb.summary()
+    assert summary["split_done"] and summary["split_at_step"] == 0 and summary["ffn_param_fraction"] == 0.25
+    assert summary["layers"] == LAYERS and cb.exports == {}  # the one export step is the report's
 
 
 def test_report_and_heatmap_are_written(tmp_path):
@@ -141,7 +145,7 @@ def test_relufy_a_gelu_gpt2(tmp_path):
     assert sorted(cb.moe_modules) == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
     before, at_split = cb.state["sparsity_before"], cb.state["sparsity_at_split"]
     assert before["zero_fraction"] < 0.01 and at_split["zero_fraction"] > 0.3  # GELU -> ReLU
-    assert load_moe(tmp_path / "moe").transformer.h[1].mlp.relu
+    assert load_compressed(save_compressed(module.model, tmp_path / "c")).transformer.h[1].mlp.relu
 
 
 def test_distillation_from_the_dense_starting_model(tmp_path):
@@ -193,8 +197,38 @@ def test_split_without_batches_is_an_error():
     module = tiny_module()
     cb = small_cb()
     cb.prepare_model(None, module)
-    with pytest.raises(RuntimeError, match=r"compress\.moe\.calibration_batches: no training batch"):
+    with pytest.raises(ValueError, match=r"^compress\.moe\.calibration_batches: no training batch"):
         cb.split_experts(module, [])
+
+
+class LossParts(Callback):
+    """Per step: the loss the step returned, the module's own logged loss and the router term."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, float, float | None]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        router = m.get("compress/moe/router")
+        self.rows.append(
+            (float(outputs["loss"]), float(m["train/loss"]), None if router is None else float(router))
+        )
+
+
+def test_router_loss_is_a_logged_term_of_the_training_loss(tmp_path):
+    """The routers learn from the ``router`` term that the base adds to the module's own loss: the
+    loss the step returns (and Lightning logs) is the module's loss plus that term."""
+    parts = LossParts()
+    cb = small_cb(split_step=1)
+    trainer = make_trainer(tmp_path, [cb, parts], max_steps=3)
+    trainer.fit(tiny_module(), token_loader())
+    assert parts.rows[0][2] is None  # before the split: no router loss (one process: no zero term)
+    for total, own, router in parts.rows[1:]:
+        assert router is not None and router > 0
+        assert total == pytest.approx(own + router, rel=1e-5)
+    assert all(m.aux_loss is None for m in cb.moe_modules.values())  # taken every step
+    off = small_cb(split_step=0, router_finetune=False)
+    assert off.adds_loss is False and small_cb().adds_loss is True
 
 
 # --------------------------------------------------------------------------- resume
@@ -202,7 +236,7 @@ def test_split_without_batches_is_an_error():
 
 def _resume_run(root: Path, split_step: int, crash_at: int | None = None, ckpt_path: str | None = None):
     module = tiny_module()
-    cb = small_cb(split_step=split_step, relufy=True, export_dir=None, plot=False)
+    cb = small_cb(split_step=split_step, relufy=True, plot=False)
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True)
     extra = [CrashAt(crash_at)] if crash_at is not None else []
     trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=8, enable_checkpointing=True)
@@ -228,6 +262,24 @@ def test_crash_and_resume_matches_straight_run(tmp_path, split_step):
     assert cb_resumed.state["split_at_step"] == split_step
 
 
+def test_resume_with_fewer_experts_fails_before_training(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = small_cb(num_experts=4, top_k=2, plot=False)
+    make_trainer(tmp_path, [cb, ckpt], max_steps=1, enable_checkpointing=True).fit(
+        tiny_module(), token_loader(2)
+    )
+    other = small_cb(num_experts=2, top_k=1, plot=False)
+    with pytest.raises(
+        ValueError,
+        match=r"^compress\.moe\.num_experts: the checkpoint .*last\.ckpt was trained with 4, this run has 2; "
+        r"resume with the same setting",
+    ):
+        make_trainer(tmp_path, [other], max_steps=2).fit(
+            tiny_module(), token_loader(2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+        )
+    assert other.state["split_done"] is False  # no step, no split
+
+
 # --------------------------------------------------------------------------- DDP
 
 
@@ -241,6 +293,7 @@ class RankAgreement(Callback):
         state = {k: v.detach().double().flatten() for k, v in pl_module.model.state_dict().items()}
         differ = keys_differing_across_ranks(trainer, state)
         if trainer.is_global_zero:
+            save_compressed(pl_module.model, Path(self.out).parent / "compressed")
             Path(self.out).write_text(
                 json.dumps({"differ": differ, "world": trainer.world_size, "state": self.cb.state})
             )
@@ -256,7 +309,7 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):  # ~10 s on an idle 2-core machine
     verdict = json.loads(out.read_text())
     assert verdict["world"] == 2 and verdict["differ"] == []
     assert verdict["state"]["split_done"] and verdict["state"]["split_at_step"] == 1
-    loaded = load_moe(tmp_path / "moe")  # rank 0 exported
+    loaded = load_compressed(tmp_path / "compressed")  # rank 0's network
     assert sum(isinstance(m, MoEFFN) for m in loaded.modules()) == LAYERS
     report = json.loads((tmp_path / REPORT).read_text())
     assert (
@@ -270,39 +323,49 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):  # ~10 s on an idle 2-core machine
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_experts": 0}, r"compress\.moe\.num_experts: must be an integer >= 1, got 0"),
-        ({"top_k": 9, "num_experts": 8}, r"compress\.moe\.top_k: must be <= num_experts \(8\), got 9"),
-        ({"top_k": 1.5}, r"compress\.moe\.top_k: must be an integer >= 1"),
+        ({"num_experts": 0}, r"^compress\.moe\.num_experts: must lie in \[1, inf\], got 0$"),
+        ({"top_k": 9, "num_experts": 8}, r"^compress\.moe\.top_k: must be <= num_experts \(8\), got 9$"),
+        ({"top_k": 1.5}, r"^compress\.moe\.top_k: must be an integer, got 1.5$"),
         (
             {"split": "spectral"},
-            r"compress\.moe\.split: got 'spectral', allowed: kmeans, coactivation, random",
+            r"^compress\.moe\.split: got 'spectral'; allowed: 'kmeans', 'coactivation', 'random'$",
         ),
-        ({"router": "gate"}, r"compress\.moe\.router: got 'gate', allowed: mlp, centroid, oracle, random"),
-        ({"relufy": "yes"}, r"compress\.moe\.relufy: got 'yes', allowed: true, false"),
-        ({"router_finetune": 1}, r"compress\.moe\.router_finetune: got 1, allowed: true, false"),
-        ({"plot": None}, r"compress\.moe\.plot: got None, allowed: true, false"),
-        ({"router_lr": 0}, r"compress\.moe\.router_lr: must be a number > 0"),
-        ({"router_loss_weight": -1}, r"compress\.moe\.router_loss_weight: must be a number >= 0"),
-        ({"router_steps": -1}, r"compress\.moe\.router_steps: must be an integer >= 0"),
-        ({"split_step": -2}, r"compress\.moe\.split_step: must be an integer >= 0"),
-        ({"calibration_batches": 0}, r"compress\.moe\.calibration_batches: must be an integer >= 1"),
-        ({"buckets": 0}, r"compress\.moe\.buckets: must be an integer >= 1"),
-        ({"router_hidden": 0}, r"compress\.moe\.router_hidden: must be an integer >= 1"),
-        ({"router_batch_size": 0}, r"compress\.moe\.router_batch_size: must be an integer >= 1"),
-        ({"kmeans_iters": 0}, r"compress\.moe\.kmeans_iters: must be an integer >= 1"),
-        ({"seed": -1}, r"compress\.moe\.seed: must be an integer >= 0"),
-        ({"export_dir": ""}, r"compress\.moe\.export_dir: must be null or a folder name"),
+        (
+            {"router": "gate"},
+            r"^compress\.moe\.router: got 'gate'; allowed: 'mlp', 'centroid', 'oracle', 'random'$",
+        ),
+        ({"relufy": "yes"}, r"^compress\.moe\.relufy: got 'yes'; allowed: True, False$"),
+        ({"router_finetune": 1}, r"^compress\.moe\.router_finetune: got 1; allowed: True, False$"),
+        ({"plot": None}, r"^compress\.moe\.plot: got None; allowed: True, False$"),
+        ({"router_lr": 0}, r"^compress\.moe\.router_lr: must be > 0, got 0$"),
+        ({"router_loss_weight": -1}, r"^compress\.moe\.router_loss_weight: must lie in \[0, inf\], got -1$"),
+        ({"router_steps": -1}, r"^compress\.moe\.router_steps: must lie in \[0, inf\]"),
+        ({"split_step": -2}, r"^compress\.moe\.split_step: must lie in \[0, inf\]"),
+        ({"calibration_batches": 0}, r"^compress\.moe\.calibration_batches: must lie in \[1, inf\]"),
+        ({"buckets": 0}, r"^compress\.moe\.buckets: must lie in \[1, inf\]"),
+        ({"router_hidden": 0}, r"^compress\.moe\.router_hidden: must lie in \[1, inf\]"),
+        ({"router_batch_size": 0}, r"^compress\.moe\.router_batch_size: must lie in \[1, inf\]"),
+        ({"kmeans_iters": 0}, r"^compress\.moe\.kmeans_iters: must lie in \[1, inf\]"),
+        ({"seed": -1}, r"^compress\.moe\.seed: must lie in \[0, inf\]"),
+        ({"export_dir": "moe"}, r"^compress\.moe\.export_dir: unknown key; allowed: num_experts, "),
         (
             {"architecture": "bert"},
-            r"compress\.moe\.architecture: 'bert' is not a registered layout; registered: \[",
+            r"^compress\.moe\.architecture: 'bert' is not a registered layout; registered: \[",
         ),
-        ({"architecture": {"layerz": "x"}}, r"compress\.moe\.architecture: unknown keys \['layerz'\]"),
-        ({"top_k": 40, "name": "moe2"}, r"compress\.moe2\.top_k"),
+        ({"architecture": {"layerz": "x"}}, r"^compress\.moe\.architecture: unknown keys \['layerz'\]"),
+        ({"top_k": 40, "name": "moe2"}, r"^compress\.moe2\.top_k: "),
     ],
 )
 def test_bad_arguments_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MoEficationCallback(**kwargs)
+
+
+def test_config_object_or_options_not_both():
+    config = MoEConfig(num_experts=8, top_k=2)
+    assert MoEficationCallback(config).config is config
+    with pytest.raises(ValueError, match=r"^compress\.moe\.top_k: given both in config= and as an option"):
+        MoEficationCallback(config, top_k=4)
 
 
 class NoFFN(nn.Module):
@@ -323,9 +386,37 @@ def test_model_without_recognisable_ffn_is_a_clear_error(tmp_path):
     module = CausalLMModule(model=NoFFN())
     with pytest.raises(
         ValueError,
-        match=r"NoFFN \(model_type=None\) has no known layout; registered: .*compress\.moe\.architecture",
+        match=r"^compress\.moe\.architecture: NoFFN \(model_type=None\) has no known layout; registered: .*"
+        r"\[looked in CausalLMModule\.model \(NoFFN\); set compress\.moe\.network to point elsewhere\]$",
     ):
         make_trainer(tmp_path, [small_cb()]).fit(module, token_loader())
+
+
+@pytest.mark.parametrize("network", [None, "backbone"])
+def test_network_stored_as_backbone(tmp_path, network):
+    """A user module with its HF model as ``self.backbone`` (no ``.model``, no ``compute_loss``): found
+    by default (the single pretrained model) or by ``network="backbone"``; its own training_step runs."""
+    module = BackboneModule()
+    cb = small_cb(network=network)
+    trainer = make_trainer(tmp_path, [cb], max_steps=2)
+    trainer.fit(module, token_loader())
+    assert sorted(cb.moe_modules) == [f"model.layers.{i}.mlp" for i in range(LAYERS)]
+    assert all(module.backbone.get_submodule(n) is m for n, m in cb.moe_modules.items())
+    assert cb.state["split_done"] and {"train/own", "compress/moe/router"} <= set(trainer.callback_metrics)
+
+
+def test_network_without_ffn_names_where_it_looked(tmp_path):
+    class WithHead(BackboneModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = NoFFN()
+
+    with pytest.raises(
+        ValueError,
+        match=r"^compress\.moe\.architecture: NoFFN \(model_type=None\) has no known layout; .*"
+        r"\[looked in WithHead\.head \(NoFFN\); set compress\.moe\.network to point elsewhere\]$",
+    ):
+        make_trainer(tmp_path, [small_cb(network="head")]).fit(WithHead(), token_loader())
 
 
 def test_architecture_mapping_makes_a_custom_model_work():
@@ -353,7 +444,7 @@ def test_num_experts_not_dividing_the_intermediate_size(tmp_path):
     module = tiny_module()
     with pytest.raises(
         ValueError,
-        match=r"compress\.moe\.num_experts: 5 does not divide the intermediate size 64 "
+        match=r"^compress\.moe\.num_experts: 5 does not divide the intermediate size 64 "
         r"of model\.layers\.0\.mlp; allowed: a divisor such as",
     ):
         make_trainer(tmp_path, [small_cb(num_experts=5, top_k=1)]).fit(module, token_loader())
@@ -381,14 +472,15 @@ def test_app_moe_run_exports_a_loadable_moe_model(compose):
     ]
     summary = train(compose("model=tiny_llama", "trainer=fast", "+compress=[moe]", *trim))
     run = Path(summary["run_dir"])
-    export = Path(summary["exports"]["moe"])
-    assert export == run / "moe" and summary["train_steps"] == 3
+    assert summary["train_steps"] == 3
     exports = json.loads((run / "summary.json").read_text())["exports"]
-    assert exports == {"moe": str(export), "compressed": str(run / "compressed")}  # + the report's
-    manifest = json.loads((export / "lightcook.json").read_text())
-    assert len(manifest["layers"]) == 2 and manifest["ffn_param_fraction"] == 0.25
+    assert exports == {"compressed": str(run / "compressed")}  # the one export step at fit end
+    outcome = summary["compress"]["moe"]
+    assert outcome["split_done"] and outcome["ffn_param_fraction"] == 0.25 and outcome["layers"] == 2
+    manifest = read_manifest(run / "compressed")
+    assert manifest["techniques"] == ["moe"] and len(manifest["moe"]) == 2
     assert (run / HEATMAP).is_file() and (run / REPORT).is_file()
-    model = load_moe(export)
+    model = load_compressed(run / "compressed")
     ids = torch.randint(0, 49152, (2, 32))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -398,3 +490,4 @@ def test_app_moe_run_exports_a_loadable_moe_model(compose):
     with open(run / "csv" / "metrics.csv") as f:
         columns = next(csv.reader(f))
     assert {"moe/ffn_param_fraction", "moe/load_imbalance", "moe/load_imbalance/layer_1"} <= set(columns)
+    assert "compress/moe/router" in columns

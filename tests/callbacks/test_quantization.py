@@ -1,5 +1,6 @@
 """QuantizationCallback in real Lightning runs: module swaps, learned scales in the optimizer, static
-calibration against a reference measured here, GPT-2 Conv1D, resume, DDP, misconfiguration, the app."""
+calibration against a reference measured here, GPT-2 Conv1D, resume (and the resume guard), DDP, a
+network stored elsewhere, manual optimization, misconfiguration, the app."""
 
 from __future__ import annotations
 
@@ -14,23 +15,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightcook.app import train
 from lightcook.callbacks.quantization import QuantizationCallback
-from lightcook.export.quantized import load_quantized
-from lightcook.modules import CausalLMModule
-from lightcook.ops.quant import Int8Linear, QuantLinear, QuantSpec
-from tests.conftest import CrashAt, keys_differing_across_ranks, make_trainer, token_loader
-from tests.ops.test_architectures import TINY as ARCHITECTURE_CONFIGS
-from tests.ops.test_architectures import VOCAB
-
-TINY = {
-    "llama": ARCHITECTURE_CONFIGS["llama"],
-    "gpt2": {**ARCHITECTURE_CONFIGS["gpt2"], "bos_token_id": 0, "eos_token_id": 0},
-}
-LLAMA_TARGETS = 2 * 7  # q, k, v, o, gate, up, down per layer
-
-
-def tiny_module(kind: str = "llama", seed: int = 0) -> CausalLMModule:
-    torch.manual_seed(seed)
-    return CausalLMModule(config=TINY[kind], tokenizer=None, lr=1e-2)
+from lightcook.callbacks.sparsity import SparsityCallback
+from lightcook.ops.quant import Int8Linear, QuantConfig, QuantLinear, QuantSpec
+from tests.helpers import CrashAt, keys_differing_across_ranks, make_trainer, token_loader
+from tests.helpers.quant_sparsity import (
+    LLAMA_TARGETS,
+    VOCAB,
+    BackboneModule,
+    TrainingStarted,
+    export_and_load,
+    tiny_module,
+)
 
 
 def fit(root: Path, cb: QuantizationCallback, module=None, loader=None, extra=(), **kwargs):
@@ -48,7 +43,7 @@ def test_block_linears_swapped_reusing_parameters(tmp_path):
     before = {
         n: (m.weight, m.bias) for n, m in module.model.named_modules() if isinstance(m, torch.nn.Linear)
     }
-    cb = QuantizationCallback(export_dir=None)
+    cb = QuantizationCallback()
     fit(tmp_path, cb, module, max_steps=1)
     swapped = {n: m for n, m in module.model.named_modules() if isinstance(m, QuantLinear)}
     assert sorted(swapped) == sorted(cb.quantized_modules) and len(swapped) == LLAMA_TARGETS
@@ -64,7 +59,7 @@ def test_block_linears_swapped_reusing_parameters(tmp_path):
 @pytest.mark.parametrize(("method", "attr"), [("lsq", "step"), ("pact", "alpha"), ("dynamic", "gamma")])
 def test_learned_scales_reach_the_optimizer_and_move(tmp_path, method, attr):
     module = tiny_module()
-    cb = QuantizationCallback(bits=4, method=method, export_dir=None)
+    cb = QuantizationCallback(bits=4, method=method)
     trainer = make_trainer(tmp_path, [cb])
     cb.setup(trainer, module, "fit")  # what Trainer.fit does first; fit below does not swap again
     scales = {n: getattr(q.weight_quantizer, attr) for n, q in cb.quantized_modules.items()}
@@ -91,7 +86,7 @@ def test_gpt2_conv1d_becomes_an_equivalent_linear(tmp_path):
         assert torch.equal(q.weight.detach(), weight.t()) and q.bias is conv.bias
         torch.testing.assert_close(F.linear(x, q.weight, q.bias), conv(x))
     fit(tmp_path, cb, module, max_steps=2)  # trains and exports through the converted layers
-    loaded = load_quantized(cb.exports["quantized"])
+    loaded = export_and_load(module.model, tmp_path / "compressed")
     ids = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, module.model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
@@ -99,7 +94,7 @@ def test_gpt2_conv1d_becomes_an_equivalent_linear(tmp_path):
 
 def test_lm_head_can_be_targeted_explicitly(tmp_path):
     module = tiny_module()
-    cb = QuantizationCallback(targets=["re:.*layers.*", "lm_head"], export_dir=None)
+    cb = QuantizationCallback(targets=["re:.*layers.*", "lm_head"])
     cb.prepare_model(None, module)
     assert isinstance(module.model.lm_head, QuantLinear) and len(cb.quantized_modules) == LLAMA_TARGETS + 1
     # still tied to the embedding, which stays float
@@ -107,10 +102,8 @@ def test_lm_head_can_be_targeted_explicitly(tmp_path):
 
 
 def test_with_nm_pruning_masks_stay_with_the_quantized_layers(tmp_path):
-    from lightcook.callbacks.sparsity import SparsityCallback
-
-    module, prune = tiny_module(), SparsityCallback(n=2, m=4, export_dir=None)
-    quant = QuantizationCallback(bits=8, export_dir=None)
+    module, prune = tiny_module(), SparsityCallback(n=2, m=4)
+    quant = QuantizationCallback(bits=8)
     fit(tmp_path, quant, module, extra=[prune])  # listed after quant: prepared first all the same
     state = module.model.state_dict()
     for name, q in quant.quantized_modules.items():
@@ -125,13 +118,11 @@ def test_with_nm_pruning_masks_stay_with_the_quantized_layers(tmp_path):
 
 
 def test_gpt2_conv1d_with_pruning_masks_is_refused(tmp_path):
-    from lightcook.callbacks.sparsity import SparsityCallback
-
     with pytest.raises(
         ValueError,
         match=r"compress\.quant\.targets: transformer\.h\.0\.attn\.c_attn is a GPT-2 Conv1D carrying \['weight_mask'\]",
     ):
-        fit(tmp_path, QuantizationCallback(), tiny_module("gpt2"), extra=[SparsityCallback(export_dir=None)])
+        fit(tmp_path, QuantizationCallback(), tiny_module("gpt2"), extra=[SparsityCallback()])
 
 
 # --------------------------------------------------------------------------- static calibration
@@ -148,7 +139,7 @@ def test_static_calibration_once_on_train_data_matches_reference(tmp_path):
         for batch in list(train_loader)[:3]:
             reference_model(**batch)
     module = tiny_module()
-    cb = QuantizationCallback(activations="static", calibration_batches=3, export_dir=None)
+    cb = QuantizationCallback(activations="static", calibration_batches=3)
     trainer = make_trainer(tmp_path, [cb], limit_val_batches=1, val_check_interval=1, num_sanity_val_steps=1)
     trainer.fit(module, train_loader, val_loader)  # sanity check first: calibrates on train data
     amax = {n: q.input_quantizer.amax.clone() for n, q in cb.quantized_modules.items()}
@@ -162,7 +153,7 @@ def test_static_calibration_once_on_train_data_matches_reference(tmp_path):
 
 def test_static_calibration_without_batches_raises(tmp_path):
     module = tiny_module()
-    cb = QuantizationCallback(activations="static", export_dir=None)
+    cb = QuantizationCallback(activations="static")
     cb.prepare_model(None, module)
     with pytest.raises(RuntimeError, match=r"compress\.quant\.activations='static': no batch"):
         cb.calibrate(None, module, [])
@@ -173,9 +164,7 @@ def test_static_calibration_without_batches_raises(tmp_path):
 
 def _resume_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
     module = tiny_module()
-    cb = QuantizationCallback(
-        bits=4, method="lsq", activations="static", calibration_batches=2, export_dir=None
-    )
+    cb = QuantizationCallback(bits=4, method="lsq", activations="static", calibration_batches=2)
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True)
     extra = [CrashAt(crash_at)] if crash_at is not None else []
     trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=6, enable_checkpointing=True)
@@ -195,9 +184,29 @@ def test_crash_and_resume_matches_straight_run(tmp_path):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and sum(k.endswith("input_quantizer.amax") for k in a) == LLAMA_TARGETS
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    # calibrated once, before step 0, and not again after resuming
+    # calibrated once, before step 0, and not again after resuming; the shape fields ride along
     expected = {"calibrated": True, "calibration_batches": 2, "calibrated_at_step": 0}
-    assert cb_resumed.state_dict() == cb_straight.state_dict() == expected
+    assert (
+        cb_resumed.state_dict()
+        == cb_straight.state_dict()
+        == {**expected, "_config": cb_straight.config.shape()}
+    )
+    assert state["callbacks"]["QuantizationCallback"]["_config"]["bits"] == 4
+
+
+def test_resume_with_other_bits_fails_before_training(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path, QuantizationCallback(bits=8), max_steps=2, extra=[ckpt], enable_checkpointing=True)
+    module, probe = tiny_module(seed=1), TrainingStarted()
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = make_trainer(tmp_path / "again", [QuantizationCallback(bits=4), probe], max_steps=4)
+    with pytest.raises(
+        ValueError,
+        match=r"^compress\.quant\.bits: the checkpoint .*last\.ckpt was trained with 8, this run has 4",
+    ):
+        trainer.fit(module, token_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert probe.batches == 0  # no step ran
+    assert all(torch.equal(before[k], v) for k, v in module.model.state_dict().items() if k in before)
 
 
 # --------------------------------------------------------------------------- DDP
@@ -234,8 +243,6 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):
     assert verdict["differ"] == []
     assert len(verdict["amax"]) == LLAMA_TARGETS and min(verdict["amax"]) > 0
     assert verdict["state"]["calibrated"] and verdict["state"]["calibration_batches"] == 2
-    loaded = load_quantized(tmp_path / "quantized")  # rank 0 exported
-    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == LLAMA_TARGETS
 
 
 # --------------------------------------------------------------------------- misconfiguration
@@ -244,27 +251,44 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"bits": 3}, r"compress\.quant\.bits: got 3, allowed: 2, 4, 8"),
+        ({"bits": 3}, r"compress\.quant\.bits: got 3; allowed: 2, 4, 8"),
         ({"bits": True}, r"compress\.quant\.bits: got True"),
-        ({"granularity": "row"}, r"compress\.quant\.granularity: got 'row', allowed: tensor, channel, group"),
-        ({"method": "minmax"}, r"compress\.quant\.method: got 'minmax', allowed: absmax, pact, lsq, dynamic"),
+        (
+            {"granularity": "row"},
+            r"compress\.quant\.granularity: got 'row'; allowed: 'tensor', 'channel', 'group'",
+        ),
+        (
+            {"method": "minmax"},
+            r"compress\.quant\.method: got 'minmax'; allowed: 'absmax', 'pact', 'lsq', 'dynamic'",
+        ),
         (
             {"activations": "per_token"},
-            r"compress\.quant\.activations: got 'per_token', allowed: dynamic, static, none",
+            r"compress\.quant\.activations: got 'per_token'; allowed: 'dynamic', 'static', 'none'",
         ),
-        ({"act_bits": 16}, r"compress\.quant\.act_bits: got 16, allowed: 2, 4, 8"),
-        ({"symmetric": "yes"}, r"compress\.quant\.symmetric: got 'yes', allowed: true, false"),
+        ({"act_bits": 16}, r"compress\.quant\.act_bits: got 16; allowed: 2, 4, 8"),
+        ({"symmetric": "yes"}, r"compress\.quant\.symmetric: got 'yes'; allowed: True, False"),
         ({"method": "dynamic", "symmetric": False}, r"compress\.quant\.symmetric: method 'dynamic'"),
-        ({"group_size": 0}, r"compress\.quant\.group_size: must be an integer >= 1"),
-        ({"calibration_batches": 0}, r"compress\.quant\.calibration_batches: must be an integer >= 1"),
-        ({"export_dir": ""}, r"compress\.quant\.export_dir: must be null or a folder name"),
-        ({"export_at_fit_end": "no"}, r"compress\.quant\.export_at_fit_end: got 'no', allowed: true, false"),
+        ({"group_size": 0}, r"compress\.quant\.group_size: must lie in \[1, inf\], got 0"),
+        ({"group_size": 1.5}, r"compress\.quant\.group_size: must be an integer"),
+        ({"calibration_batches": 0}, r"compress\.quant\.calibration_batches: must lie in \[1, inf\]"),
+        ({"export_dir": "quantized"}, r"compress\.quant\.export_dir: unknown key; allowed: bits, "),
         ({"bits": 5, "name": "q4"}, r"compress\.q4\.bits"),
     ],
 )
 def test_bad_arguments_name_the_key(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"^{match}") as err:
         QuantizationCallback(**kwargs)
+    key = f"compress.{kwargs.get('name', 'quant')}."
+    assert str(err.value).count(key) == 1  # the prefix exactly once
+
+
+def test_config_object_or_options_not_both():
+    cb = QuantizationCallback(QuantConfig(bits=4), name="q4")
+    assert cb.config.bits == 4 and cb.config_key == "compress.q4"
+    with pytest.raises(ValueError, match=r"^compress\.quant\.bits: given both in config= and as an option"):
+        QuantizationCallback(QuantConfig(), bits=4)
+    with pytest.raises(TypeError, match=r"^compress\.quant\.config: must be a QuantConfig, got int"):
+        QuantizationCallback(8)
 
 
 @pytest.mark.parametrize(
@@ -300,24 +324,92 @@ def test_model_quantized_twice_with_other_settings_is_refused():
         QuantizationCallback(bits=4).prepare_model(None, module)
 
 
+# --------------------------------------------------------------------------- where the network lives
+
+
+@pytest.mark.parametrize("network", [None, "backbone"])
+def test_network_stored_as_backbone(tmp_path, network):
+    module = BackboneModule()
+    cb = QuantizationCallback(bits=4, network=network)
+    fit(tmp_path, cb, module, max_steps=2)
+    assert len(cb.quantized_modules) == LLAMA_TARGETS and module.steps_seen == 2
+    assert all(module.backbone.get_submodule(n) is q for n, q in cb.quantized_modules.items())
+
+
+def test_two_pretrained_models_and_no_model_attribute_fail_in_setup(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"^compress\.quant\.network: BackboneModule holds several pretrained "
+        r"models \(backbone, reference\) and no \.model; say which one with network=",
+    ):
+        fit(tmp_path, QuantizationCallback(), BackboneModule(second=True), max_steps=1)
+    module = BackboneModule(second=True)
+    fit(tmp_path / "ok", QuantizationCallback(network="reference"), module, max_steps=1)
+    assert isinstance(module.reference.model.layers[0].mlp.up_proj, QuantLinear)
+    assert type(module.backbone.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def test_unknown_network_names_the_key_and_the_children(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"^compress\.quant\.network: BackboneModule has no submodule 'nope' \(its children: backbone\)",
+    ):
+        fit(tmp_path, QuantizationCallback(network="nope"), BackboneModule(), max_steps=1)
+
+
+class AfterEveryStep(Callback):
+    """After every real optimizer step: weights the masks drop are zero, and the quantized layers'
+    forward still multiplies by a weight on the ``bits`` grid (at most 2**bits - 1 values per row)."""
+
+    def __init__(self, quant: QuantizationCallback, prune: SparsityCallback) -> None:
+        self.quant, self.prune, self.checks = quant, prune, []
+
+    def on_fit_start(self, trainer, pl_module):
+        for optimizer in trainer.optimizers:
+            optimizer.register_step_post_hook(lambda *_: self.checks.append(self._check()))
+
+    def _check(self) -> bool:
+        ok = True
+        for q in self.quant.quantized_modules.values():
+            w = q.weight_quantizer(q.weight).detach()
+            levels = max(len(row.unique()) for row in w)
+            ok &= isinstance(q, QuantLinear) and levels <= 2**self.quant.config.bits - 1
+            ok &= bool((q.weight[~q.weight_mask] == 0).all()) and bool((w[~q.weight_mask] == 0).all())
+        return ok
+
+
+def test_manual_optimization_keeps_masks_and_fake_quant(tmp_path):
+    module = BackboneModule(manual=True)
+    quant, prune = QuantizationCallback(bits=4, method="lsq"), SparsityCallback()
+    probe = AfterEveryStep(quant, prune)
+    trainer = fit(tmp_path, quant, module, extra=[prune, probe], max_steps=3)[1]
+    assert trainer.global_step == 3 and probe.checks == [True] * 3
+    x = torch.randn(2, 32)
+    q = module.backbone.model.layers[0].mlp.up_proj
+    torch.testing.assert_close(q(x), F.linear(q.input_quantizer(x), q.weight_quantizer(q.weight), q.bias))
+
+
 # --------------------------------------------------------------------------- the app
 
 
 def test_app_quant_run_exports_a_loadable_int8_model(compose):
+    from lightcook.export import load_compressed
+
     trim = ["trainer.max_steps=2", "trainer.limit_val_batches=1", "validate_before=false", "save_model=false"]
     summary = train(compose("model=tiny_llama", "trainer=fast", "+compress=[quant]", *trim))
-    export = Path(summary["exports"]["quantized"])
-    assert export == Path(summary["run_dir"]) / "quantized" and summary["train_steps"] == 2
+    export = Path(summary["exports"]["compressed"])
+    assert export == Path(summary["run_dir"]) / "compressed" and summary["train_steps"] == 2
     on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
-    assert on_disk["exports"] == {"quantized": str(export), "compressed": str(export.parent / "compressed")}
+    assert on_disk["exports"] == {"compressed": str(export)}  # no per-callback export any more
     manifest = json.loads((export / "lightcook.json").read_text())
-    assert len(manifest["layers"]) == LLAMA_TARGETS
+    assert manifest["techniques"] == ["quantized"] and len(manifest["quantized"]) == LLAMA_TARGETS
+    assert {layer["format"] for layer in manifest["quantized"].values()} == {"int8"}
     assert manifest["weight_bytes"] < 0.27 * manifest["fp32_weight_bytes"]
-    model = load_quantized(export)
+    model = load_compressed(export)
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == LLAMA_TARGETS
     ids = torch.randint(0, 49152, (2, 32))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     assert logits.shape == (2, 32, 49152) and bool(torch.isfinite(logits).all())
     ckpt = torch.load(Path(summary["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)
-    assert "QuantizationCallback" in ckpt["callbacks"]
+    assert ckpt["callbacks"]["QuantizationCallback"]["_config"]["bits"] == 8

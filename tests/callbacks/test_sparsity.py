@@ -1,5 +1,6 @@
 """SparsityCallback in real Lightning runs: masks, enforcement after every optimizer step, schedules,
-Wanda against a reference computed here, SR-STE, resume, DDP, misconfiguration, and the Hydra app."""
+Wanda against a reference computed here, SR-STE, resume (and the resume guard), DDP, a network stored
+elsewhere, misconfiguration, the compressed export of the trained network, and the Hydra app."""
 
 from __future__ import annotations
 
@@ -15,22 +16,24 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
-from lightcook.callbacks.sparsity import SparsityCallback, as_out_in
+from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.modules import CausalLMModule
-from lightcook.ops.sparsity import InputNormAccumulator, is_nm, nm_mask, wanda_scores
-from tests.conftest import CrashAt, make_trainer, token_loader
-from tests.ops.test_architectures import TINY as ARCHITECTURE_CONFIGS
-
-TINY = {  # Llama untied (its default): the LM head is a Linear of its own
-    "llama": {**ARCHITECTURE_CONFIGS["llama"], "tie_word_embeddings": False},
-    "gpt2": ARCHITECTURE_CONFIGS["gpt2"],
-}
-LLAMA_TARGETS = 2 * 7  # q, k, v, o, gate, up, down per layer
+from lightcook.ops.sparsity import InputNormAccumulator, NMConfig, as_out_in, is_nm, nm_mask, wanda_scores
+from tests.helpers import CrashAt, make_trainer, token_loader
+from tests.helpers.quant_sparsity import (
+    LLAMA_TARGETS,
+    TINY,
+    BackboneModule,
+    TrainingStarted,
+    export_and_load,
+)
+from tests.helpers.quant_sparsity import tiny_module as _tiny_module
 
 
 def tiny_module(kind: str = "llama", seed: int = 0, **config) -> CausalLMModule:
-    torch.manual_seed(seed)
-    return CausalLMModule(config={**TINY[kind], **config}, tokenizer=None, lr=1e-2)
+    """Llama untied (its default): the LM head is a Linear of its own."""
+    untied = {"tie_word_embeddings": False} if kind == "llama" else {}
+    return _tiny_module(kind, seed, **{**untied, **config})
 
 
 def masked_out_is_zero(cb: SparsityCallback) -> bool:
@@ -130,7 +133,9 @@ class InfAtBatch(CausalLMModule):
 
 def test_fp16_scaler_skipped_step_keeps_masks(tmp_path):
     torch.manual_seed(0)
-    module = InfAtBatch(bad_batch=2, config=TINY["llama"], tokenizer=None, lr=1e-2)
+    module = InfAtBatch(
+        bad_batch=2, config={**TINY["llama"], "tie_word_embeddings": False}, tokenizer=None, lr=1e-2
+    )
     cb = SparsityCallback(start_step=2)  # masks computed right before the step the scaler skips
     plugin = MixedPrecision("16-mixed", "cpu")
     _, trainer, probe = fit(tmp_path, cb, module=module, plugins=[plugin], max_steps=4)
@@ -165,7 +170,7 @@ class TwoOptimizers(CausalLMModule):
 
 def test_manual_optimization_with_two_optimizers(tmp_path):
     torch.manual_seed(0)
-    module = TwoOptimizers(config=TINY["llama"], tokenizer=None)
+    module = TwoOptimizers(config={**TINY["llama"], "tie_word_embeddings": False}, tokenizer=None)
     cb = SparsityCallback(start_step=2)
     _, trainer, probe = fit(tmp_path, cb, module=module, max_steps=8)
     assert trainer.global_step == 8  # two optimizer steps per batch
@@ -246,15 +251,26 @@ def test_ramp_completed_by_last_step_is_applied_at_train_end(tmp_path):
     assert cb.complete and cb.state["update"] == "final:0" and weights_nm(cb)
 
 
-def test_export_written_only_once_the_ramp_is_complete(tmp_path):
-    unfinished = SparsityCallback(start_step=0, end_step=10, export_dir="sparse")
-    with pytest.warns(UserWarning, match=r"compress\.prune: the N:M ramp is not complete at step 2"):
+def test_unfinished_ramp_warns_and_the_trained_network_exports_packed(tmp_path):
+    unfinished = SparsityCallback(start_step=0, end_step=10)
+    with pytest.warns(
+        UserWarning,
+        match=r"compress\.prune: the full sparsity pattern was not reached by step 2 .*drop 5\.0%",
+    ):
         fit(tmp_path, unfinished, max_steps=2)
-    assert unfinished.exports == {} and not (tmp_path / "sparse").exists()
-    done = SparsityCallback(export_dir="sparse", export_dtype="bfloat16")
-    fit(tmp_path, done, max_steps=2)
-    assert Path(done.exports["sparse"]) == tmp_path / "sparse"
-    assert json.loads((tmp_path / "sparse" / "lightcook.json").read_text())["dtype"] == "bfloat16"
+    assert unfinished.summary()["complete"] is False
+    done = SparsityCallback()
+    module, _, _ = fit(tmp_path / "done", done, max_steps=2)
+    assert done.summary()["complete"] is True and done.summary()["reached_sparsity"] == pytest.approx(0.5)
+    loaded = export_and_load(
+        module.model, tmp_path / "compressed", **done.export_options(), dtype=torch.bfloat16
+    )
+    manifest = json.loads((tmp_path / "compressed" / "lightcook.json").read_text())
+    assert manifest["dtype"] == "bfloat16" and "nm" in manifest["techniques"]
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        want = module.model.eval().to(torch.bfloat16)(ids).logits.float()
+        torch.testing.assert_close(loaded(ids).logits.float(), want, atol=0.1, rtol=0.05)
 
 
 def test_unstructured_layer_and_global(tmp_path):
@@ -329,6 +345,23 @@ def test_crash_and_resume_matches_straight_run(tmp_path):
     assert cb_straight.state["update"] == "final:1" and weights_nm(cb_resumed)
 
 
+def test_resume_with_other_n_fails_before_training(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path, SparsityCallback(n=2, m=4), max_steps=2, extra=[ckpt], enable_checkpointing=True)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["callbacks"]["SparsityCallback"]["_config"]["n"] == 2
+    module, started = tiny_module(seed=1), TrainingStarted()
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = make_trainer(tmp_path / "again", [SparsityCallback(n=1, m=4), started], max_steps=4)
+    with pytest.raises(
+        ValueError,
+        match=r"^compress\.prune\.n: the checkpoint .*last\.ckpt was trained with 2, this run has 1",
+    ):
+        trainer.fit(module, token_loader(), ckpt_path=str(last))
+    assert started.batches == 0 and trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in module.model.state_dict().items() if k in before)
+
+
 class DumpPerRank(Callback):
     """Each DDP rank saves its model state (masks included) after training."""
 
@@ -361,34 +394,26 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"mode": "blocks"}, r"compress\.prune\.mode: got 'blocks', allowed: nm, unstructured"),
-        ({"pattern": "3d"}, r"compress\.prune\.pattern: .*allowed: 1d, 2d"),
-        ({"scope": "model"}, r"compress\.prune\.scope: .*allowed: layer, global"),
-        ({"criterion": "taylor"}, r"compress\.prune\.criterion: .*allowed: magnitude, wanda"),
-        ({"calibration_batches": 0}, r"compress\.prune\.calibration_batches"),
+        ({"mode": "blocks"}, r"compress\.prune\.mode: got 'blocks'; allowed: 'nm', 'unstructured'"),
+        ({"pattern": "3d"}, r"compress\.prune\.pattern: .*allowed: '1d', '2d'"),
+        ({"scope": "model"}, r"compress\.prune\.scope: .*allowed: 'layer', 'global'"),
+        ({"criterion": "taylor"}, r"compress\.prune\.criterion: .*allowed: 'magnitude', 'wanda'"),
+        ({"calibration_batches": 0}, r"compress\.prune\.calibration_batches: must lie in \[1, inf\]"),
         ({"n": 4, "m": 4}, r"compress\.prune\.n: N:M needs integers 1 <= n < m"),
+        ({"n": 2, "m": 4.0}, r"compress\.prune\.n: N:M needs integers 1 <= n < m, got n=2, m=4\.0"),
         ({"pattern": "2d", "n": 4, "m": 8}, r"compress\.prune\.m: pattern '2d' supports m <= 4"),
         ({"sparsity": 0.5}, r"compress\.prune\.sparsity: applies to mode='unstructured'"),
-        ({"scope": "global"}, r"compress\.prune\.scope: .*allowed: layer"),
+        ({"scope": "global"}, r"compress\.prune\.scope: .*allowed: 'layer'"),
         ({"mode": "unstructured", "sparsity": 1.0}, r"compress\.prune\.sparsity: must lie in \[0, 1\)"),
+        ({"mode": "unstructured", "sparsity": "half"}, r"compress\.prune\.sparsity: must be a number"),
         ({"mode": "unstructured", "pattern": "2d"}, r"compress\.prune\.pattern: '2d'"),
-        ({"start_step": -1}, r"compress\.prune\.start_step"),
+        ({"start_step": -1}, r"compress\.prune\.start_step: must lie in \[0, inf\]"),
         ({"start_step": 5, "end_step": 2}, r"compress\.prune\.end_step: .*>= start_step \(5\)"),
+        ({"end_step": "10"}, r"compress\.prune\.end_step: must be an integer"),
         ({"ramp_every": 0}, r"compress\.prune\.ramp_every"),
         ({"recompute_every": -1}, r"compress\.prune\.recompute_every"),
-        ({"sr_ste_decay": -0.1}, r"compress\.prune\.sr_ste_decay"),
-        (
-            {"export_dtype": "int8"},
-            r"compress\.prune\.export_dtype: .*allowed: null, float16, bfloat16, float32",
-        ),
-        (
-            {"mode": "unstructured", "export_dir": "x"},
-            r"compress\.prune\.export_dir: .*null for mode='unstructured'",
-        ),
-        (
-            {"n": 2, "m": 32, "export_dir": "x"},
-            r"compress\.prune\.export_dir: packed export supports m <= 16",
-        ),
+        ({"sr_ste_decay": -0.1}, r"compress\.prune\.sr_ste_decay: must lie in \[0"),
+        ({"export_dir": "sparse"}, r"compress\.prune\.export_dir: unknown key; allowed: mode, n, m"),
         (
             {"mode": "unstructured", "name": "unstructured", "sparsity": -0.1},
             r"compress\.unstructured\.sparsity",
@@ -396,8 +421,17 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):
     ],
 )
 def test_bad_arguments_name_the_key(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"^{match}") as err:
         SparsityCallback(**kwargs)
+    key = f"compress.{kwargs.get('name', 'prune')}."
+    assert str(err.value).count(key) == 1  # the prefix exactly once
+
+
+def test_config_object_or_options_not_both():
+    cb = SparsityCallback(NMConfig(mode="unstructured", sparsity=0.3), name="unstructured")
+    assert cb.config.sparsity == 0.3 and cb.export_options() == {}
+    with pytest.raises(ValueError, match=r"^compress\.prune\.n: given both in config= and as an option"):
+        SparsityCallback(NMConfig(), n=1)
 
 
 @pytest.mark.parametrize(
@@ -442,7 +476,7 @@ def test_wanda_without_training_batches_raises(tmp_path):
     module = tiny_module()
     cb = SparsityCallback(criterion="wanda")
     cb.setup(make_trainer(tmp_path, [cb], max_steps=4), module, "validate")
-    with pytest.raises(RuntimeError, match=r"compress\.prune\.criterion='wanda' needs training batches"):
+    with pytest.raises(RuntimeError, match=r"compress\.prune\.criterion='wanda': needs training batches"):
         cb.compute_masks(module)
     with pytest.raises(RuntimeError, match=r"compress\.prune\.criterion='wanda': no calibration batch"):
         cb.compute_masks(module, batches=[])
@@ -453,7 +487,7 @@ def test_wanda_without_training_batches_raises(tmp_path):
 
 def test_app_prune_run_exports_2to4(tmp_path):
     from lightcook.app import compose_config, train
-    from lightcook.export.sparse import load_sparse
+    from lightcook.export import load_compressed
 
     cfg = compose_config(
         [
@@ -470,11 +504,47 @@ def test_app_prune_run_exports_2to4(tmp_path):
     )
     assert cfg.compress.prune._target_ == "lightcook.callbacks.sparsity.SparsityCallback"
     summary = train(cfg)
-    export = Path(summary["exports"]["sparse"])
-    assert export.is_dir() and export.parent == Path(summary["run_dir"])
-    model = load_sparse(export)
+    export = Path(summary["exports"]["compressed"])
+    assert (
+        export.is_dir() and export.parent == Path(summary["run_dir"]) and "sparse" not in summary["exports"]
+    )
+    model = load_compressed(export)
     layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     assert len(layers) == LLAMA_TARGETS
     for name in layers:
         w = model.get_submodule(name).weight
         assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()), name
+
+
+# --------------------------------------------------------------------------- where the network lives
+
+
+@pytest.mark.parametrize("network", [None, "backbone"])
+def test_network_stored_as_backbone(tmp_path, network):
+    module = BackboneModule()
+    cb = SparsityCallback(network=network)
+    fit(tmp_path, cb, module=module, max_steps=2)
+    assert len(cb.layers) == LLAMA_TARGETS and module.steps_seen == 2 and weights_nm(cb)
+    assert all(module.backbone.get_submodule(n) is layer for n, layer in cb.layers.items())
+
+
+def test_two_pretrained_models_and_no_model_attribute_fail_in_setup(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"^compress\.prune\.network: .*several pretrained models .*network="
+    ):
+        fit(tmp_path, SparsityCallback(), module=BackboneModule(second=True), max_steps=1)
+
+
+def test_unknown_network_names_the_key_and_the_children(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"^compress\.prune\.network: .*no submodule 'nope' \(its children: backbone\)"
+    ):
+        fit(tmp_path, SparsityCallback(network="nope"), module=BackboneModule(), max_steps=1)
+
+
+def test_manual_optimization_of_a_user_module(tmp_path):
+    module = BackboneModule(manual=True)
+    cb = SparsityCallback(start_step=1)
+    _, trainer, probe = fit(tmp_path, cb, module=module, max_steps=3)
+    assert trainer.global_step == 3 and [ok for _, ok in probe.after_step] == [True] * 3
+    assert weights_nm(cb) and cb.state["sparsity"] == pytest.approx(0.5)

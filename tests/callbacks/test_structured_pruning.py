@@ -1,12 +1,13 @@
 """StructuredPruningCallback in real Lightning runs: gradients reach the gates, the Lagrangian drives
-the model to the target, the export reloads with the live model's outputs, crash-and-resume is exact,
-DDP ranks agree, composition with distillation, misconfiguration, and the Hydra app."""
+the model to the target, the compressed export of the trained network reloads with its outputs,
+crash-and-resume is exact, the resume guard, DDP ranks agree, a network stored elsewhere than
+``.model``, composition with distillation, misconfiguration, a run short of its target, the Hydra app."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,11 +16,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightcook.callbacks.structured_pruning import StructuredPruningCallback
+from lightcook.export import load_compressed, read_manifest, save_compressed
 from lightcook.modules import CausalLMModule
 from lightcook.ops.architectures import layer_parameter_count
-from lightcook.ops.slicing import load_sliced
-from tests.conftest import CrashAt, make_trainer, token_loader
-from tests.ops.test_architectures import MYSTERY_LAYOUT, TINY, VOCAB, Mystery, distinct_params
+from lightcook.ops.hard_concrete import StructuredConfig
+from tests.helpers import CrashAt, make_trainer, token_loader
+from tests.helpers.structured_moe import (
+    MYSTERY_IN_MODULE,
+    TINY,
+    VOCAB,
+    BackboneModule,
+    MysteryLM,
+    distinct_params,
+)
 
 GATE_KEYS = (
     "gates.heads.log_alpha",
@@ -40,45 +49,51 @@ def tiny_module(kind: str = "llama", seed: int = 0) -> CausalLMModule:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"target_sparsity": 0.0}, r"compress.structured.target_sparsity: must lie strictly between 0 and 1"),
-        ({"target_sparsity": 1.0}, r"compress.structured.target_sparsity"),
-        ({"target_sparsity": 1.5}, r"compress.structured.target_sparsity"),
+        (
+            {"target_sparsity": 0.0},
+            r"^compress.structured.target_sparsity: must lie strictly between 0 and 1",
+        ),
+        ({"target_sparsity": 1.0}, r"^compress.structured.target_sparsity: "),
+        ({"target_sparsity": 1.5}, r"^compress.structured.target_sparsity: "),
         (
             {"units": []},
-            r"compress.structured.units: choose at least one of \['attention_layers', 'ffn_layers', 'heads', 'neurons'\]",
+            r"^compress.structured.units: choose at least one; allowed: attention_layers, ffn_layers, heads, neurons$",
         ),
         (
             {"units": ["hidden"]},
-            r"compress.structured.units: 'hidden' \(hidden-dimension pruning\) is not implemented",
+            r"^compress.structured.units: 'hidden' \(hidden-dimension pruning\) is not implemented",
         ),
-        (
-            {"units": ["heads", "channels"]},
-            r"compress.structured.units: unknown unit 'channels'; allowed: \[",
-        ),
-        ({"start_step": -1}, r"compress.structured.start_step: start_step must be >= 0"),
+        ({"units": ["heads", "channels"]}, r"^compress.structured.units: unknown unit 'channels'; allowed: "),
+        ({"start_step": -1}, r"^compress.structured.start_step: must lie in \[0, inf\], got -1$"),
         (
             {"start_step": 5, "end_step": 4},
-            r"compress.structured.end_step: end_step \(4\) must be >= start_step \(5\)",
+            r"^compress.structured.end_step: must be >= start_step \(5\), got 4$",
         ),
-        ({"gate_lr": 0.0}, r"compress.structured.gate_lr: must be > 0, or null"),
-        ({"lambda_lr": -1.0}, r"compress.structured.lambda_lr: must be > 0"),
-        ({"droprate_init": 1.0}, r"compress.structured.droprate_init must lie in \(0, 1\)"),
-        ({"beta": 0.0}, r"compress.structured.beta must be > 0"),
-        ({"limit_l": 0.1}, r"compress.structured.limit_l/limit_r"),
-        ({"tolerance": 1.0}, r"compress.structured.tolerance: must lie in \[0, 1\)"),
-        ({"export_dir": " "}, r"compress.structured.export_dir: must be a folder name, or null"),
+        ({"gate_lr": 0.0}, r"^compress.structured.gate_lr: must be > 0, or null"),
+        ({"lambda_lr": -1.0}, r"^compress.structured.lambda_lr: must be > 0"),
+        ({"droprate_init": 1.0}, r"^compress.structured.droprate_init: must lie in \(0, 1\)"),
+        ({"beta": 0.0}, r"^compress.structured.beta: must be > 0"),
+        ({"limit_l": 0.1}, r"^compress.structured.limit_l: limit_l/limit_r"),
+        ({"tolerance": 1.0}, r"^compress.structured.tolerance: must lie in \[0, 1\)"),
         (
             {"architecture": "falcon"},
-            r"compress.structured.architecture: 'falcon' is not a registered layout; registered: \[",
+            r"^compress.structured.architecture: 'falcon' is not a registered layout; registered: \[",
         ),
         (
             {"architecture": {"layers": "x", "bogus": 1}},
-            r"compress.structured.architecture: unknown keys \['bogus'\]",
+            r"^compress.structured.architecture: unknown keys \['bogus'\]",
         ),
-        ({"architecture": 3}, r"compress.structured.architecture: expected null, a layout name or a mapping"),
-        ({"init": "magnitude"}, r"compress.structured.init: must be one of \['uniform', 'taylor'\]"),
-        ({"calibration_batches": 0}, r"compress.structured.calibration_batches: must be an integer >= 1"),
-        ({"init_spread": 0.0}, r"compress.structured.init_spread: must be > 0"),
+        (
+            {"architecture": 3},
+            r"^compress.structured.architecture: expected null, a layout name or a mapping",
+        ),
+        ({"init": "magnitude"}, r"^compress.structured.init: got 'magnitude'; allowed: 'uniform', 'taylor'$"),
+        ({"calibration_batches": 0}, r"^compress.structured.calibration_batches: must lie in \[1, inf\]"),
+        ({"init_spread": 0.0}, r"^compress.structured.init_spread: must be > 0"),
+        (
+            {"export_dir": "sliced"},
+            r"^compress.structured.export_dir: unknown key; allowed: target_sparsity, ",
+        ),
     ],
 )
 def test_misconfiguration_names_the_key(kwargs, match):
@@ -87,38 +102,25 @@ def test_misconfiguration_names_the_key(kwargs, match):
 
 
 def test_named_instance_uses_its_own_key():
-    with pytest.raises(ValueError, match=r"compress.cofi.target_sparsity"):
+    with pytest.raises(ValueError, match=r"^compress.cofi.target_sparsity: must"):
         StructuredPruningCallback(target_sparsity=2, name="cofi")
 
 
-class MysteryLM(nn.Module):
-    """A non-Hugging-Face LM with the HF call convention (LayerNorm + MLP blocks only)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 16)
-        self.body = Mystery()
-        self.head = nn.Linear(16, VOCAB)
-
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        h = self.embed(input_ids)  # (B, T, 16)
-        for block in self.body.blocks:
-            h = h + block.ff.down(block.ff.act(block.ff.up(block.ln(h))))
-        logits = self.head(h)  # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        return SimpleNamespace(logits=logits, loss=loss)
-
-
-MYSTERY_IN_MODULE = {**MYSTERY_LAYOUT, "layers": "body.blocks"}
+def test_config_object_or_options_not_both():
+    config = StructuredConfig(target_sparsity=0.3, units=["neurons"])
+    assert StructuredPruningCallback(config).config is config
+    with pytest.raises(
+        ValueError, match=r"^compress.structured.end_step: given both in config= and as an option"
+    ):
+        StructuredPruningCallback(config, end_step=3)
 
 
 def test_unknown_layout_without_mapping_fails_in_setup(tmp_path):
     module = CausalLMModule(model=MysteryLM())
     with pytest.raises(
         ValueError,
-        match=r"compress.structured.architecture.*MysteryLM \(model_type=None\) has no known layout",
+        match=r"^compress.structured.architecture: MysteryLM \(model_type=None\) has no known layout; .*"
+        r"\[looked in CausalLMModule.model \(MysteryLM\); set compress.structured.network to point elsewhere\]$",
     ):
         make_trainer(tmp_path, [StructuredPruningCallback()], max_steps=4).fit(module, token_loader())
 
@@ -128,7 +130,7 @@ def test_unit_kind_the_architecture_lacks_fails_in_setup(tmp_path):
     cb = StructuredPruningCallback(units=["heads", "neurons"], architecture=MYSTERY_IN_MODULE)
     with pytest.raises(
         ValueError,
-        match=r"compress.structured.units: \['heads'\] not available for architecture 'custom'; allowed here: \['neurons', 'ffn_layers'\]",
+        match=r"^compress.structured.units: \['heads'\] not available for architecture 'custom'; allowed here: \['neurons', 'ffn_layers'\]",
     ):
         make_trainer(tmp_path, [cb], max_steps=4).fit(module, token_loader())
 
@@ -139,9 +141,7 @@ def initial_log_alpha(droprate: float = 0.05) -> float:
 
 def test_custom_layout_mapping_trains(tmp_path):
     module = CausalLMModule(model=MysteryLM())
-    cb = StructuredPruningCallback(
-        units=["neurons"], architecture=MYSTERY_IN_MODULE, end_step=1, export_dir=None
-    )
+    cb = StructuredPruningCallback(units=["neurons"], architecture=MYSTERY_IN_MODULE, end_step=1)
     make_trainer(tmp_path, [cb], max_steps=2).fit(module, token_loader())
     log_alpha = module.model.lightcook_gates.gates.neurons.log_alpha
     assert log_alpha.shape == (64,)  # 2 blocks x 32 neurons
@@ -155,8 +155,18 @@ class ManualModule(CausalLMModule):
 
 
 def test_manual_optimization_is_refused(tmp_path):
-    with pytest.raises(TypeError, match="compress.structured: manual optimization is not supported"):
-        make_trainer(tmp_path, [StructuredPruningCallback()], max_steps=4).fit(ManualModule(), token_loader())
+    """The Lagrangian is added to the loss training_step returns, which manual optimization ignores:
+    setup says so, naming the callback. The user switches back to automatic optimization, or adds
+    ``cb.loss_terms(trainer, module, batch, outputs)`` to the loss they backpropagate themselves."""
+    for module in (ManualModule(), BackboneModule(manual=True)):
+        with pytest.raises(
+            TypeError,
+            match=r"^compress.structured: add loss terms to the loss training_step returns, but "
+            rf"{type(module).__name__} uses manual optimization .*use automatic optimization, or add "
+            r"callback.loss_terms\(trainer, module, batch, outputs\) to your loss yourself$",
+        ):
+            make_trainer(tmp_path, [StructuredPruningCallback()], max_steps=4).fit(module, token_loader())
+        assert not hasattr(module.model if hasattr(module, "model") else module.backbone, "lightcook_gates")
 
 
 class SwapOutput(Callback):
@@ -170,7 +180,7 @@ class SwapOutput(Callback):
 
 
 def test_projection_replaced_after_gating_is_hooked_again(tmp_path):
-    cb = StructuredPruningCallback(export_dir=None)
+    cb = StructuredPruningCallback()
     module = tiny_module()
     make_trainer(tmp_path, [cb, SwapOutput()], max_steps=1).fit(module, token_loader(1))
     model = module.model
@@ -293,7 +303,7 @@ class Trace(Callback):
         self.rows.append({k: float(m[k]) for k in m if k.startswith("compress/")})
 
 
-def test_reaches_the_target_freezes_and_exports(tmp_path):
+def test_reaches_the_target_freezes_and_exports(tmp_path):  # ~25 s
     module = tiny_module()
     # tolerance 0.05: in this tiny model one FFN block is a third of the layer parameters, so the
     # deterministic sparsity moves in large steps. Without dual restarts: with them the expected
@@ -309,23 +319,31 @@ def test_reaches_the_target_freezes_and_exports(tmp_path):
         dual_restart=False,
     )
     trace = Trace()
-    make_trainer(tmp_path, [cb, trace], max_steps=20).fit(module, token_loader(8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [cb, trace], max_steps=20).fit(module, token_loader(8))
+    assert not [w for w in caught if "not within tolerance" in str(w.message)]  # reached: no warning
     assert cb.state["phase"] == "fixed" and cb.state["frozen_at"] >= 6, cb.state
-    assert cb.summary["target_met"] and 0.35 <= cb.summary["sparsity"] <= 0.45
+    summary = cb.summary()
+    assert summary["target_met"] is True and 0.35 <= summary["reached_sparsity"] <= 0.45
+    assert summary["frozen_at"] == cb.state["frozen_at"] and summary["target_sparsity"] == 0.4
     targets = [row["compress/target_sparsity"] for row in trace.rows if "compress/target_sparsity" in row]
     assert targets[:3] == [0.0, pytest.approx(0.4 / 6), pytest.approx(0.8 / 6)] and max(
         targets
     ) == pytest.approx(0.4)
     assert min(row["compress/lambda_1"] for row in trace.rows) < 0  # ascent: pushes sparsity up
+    assert "compress/structured/lagrangian" in trace.rows[0]  # the loss term, logged by the base
     assert trace.rows[-1]["compress/phase"] == 1.0 and "training_step" not in module.__dict__
-    # the export reloads as a plain HF Llama with the live (gated, eval) model's outputs
-    sliced = load_sliced(cb.exports["structured"])
-    assert cb.exports["structured"] == str(tmp_path / "sliced")
+    # the compressed export of the trained network reloads as a plain, smaller HF Llama with the live
+    # (gated, eval) model's outputs
+    path = save_compressed(module.model, tmp_path / "compressed")
+    assert read_manifest(path)["techniques"] == ["structured"]
+    sliced = load_compressed(path)
     ids = torch.randint(0, VOCAB, (2, 12))
     module.eval()
     with torch.no_grad():
         assert torch.allclose(sliced(ids).logits, module.model(ids).logits, atol=1e-5)
-    assert layer_parameter_count(sliced, cb._arch) == cb.summary["layer_parameters_deterministic"]
+    assert layer_parameter_count(sliced, cb.architecture) == summary["layer_parameters_deterministic"]
     assert distinct_params(sliced) < 0.8 * (distinct_params(tiny_module().model))
 
 
@@ -334,7 +352,7 @@ def test_reaches_the_target_freezes_and_exports(tmp_path):
 
 def _resume_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
     module = tiny_module()
-    cb = StructuredPruningCallback(target_sparsity=0.3, end_step=3, gate_lr=0.3, export_dir=None)
+    cb = StructuredPruningCallback(target_sparsity=0.3, end_step=3, gate_lr=0.3)
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_last=True)
     extra = [CrashAt(crash_at)] if crash_at is not None else []
     trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=6, enable_checkpointing=True)
@@ -393,7 +411,7 @@ class NeuronInputs(Callback):
 def test_taylor_init_ranks_gates_by_first_order_importance(tmp_path):
     loader = token_loader(3)
     reference = NeuronInputs(list(loader)[:2])
-    cb = StructuredPruningCallback(init="taylor", calibration_batches=2, init_spread=4.0, export_dir=None)
+    cb = StructuredPruningCallback(init="taylor", calibration_batches=2, init_spread=4.0)
     module = tiny_module()
     make_trainer(tmp_path, [reference, cb], max_steps=1, limit_train_batches=1).fit(module, loader)
     assert cb.state["initialized"] is True
@@ -410,7 +428,7 @@ def test_taylor_init_ranks_gates_by_first_order_importance(tmp_path):
 
 
 def test_rank_init_rejects_unknown_kinds_and_wrong_shapes(tmp_path):
-    cb = StructuredPruningCallback(init="uniform", export_dir=None)
+    cb = StructuredPruningCallback(init="uniform")
     module = tiny_module()
     cb.prepare_model(None, module)
     n = cb.gates.gates["neurons"].log_alpha.numel()
@@ -421,7 +439,7 @@ def test_rank_init_rejects_unknown_kinds_and_wrong_shapes(tmp_path):
 
 
 def test_taylor_init_keeps_the_dense_model_and_every_kind_spread(tmp_path):
-    cb = StructuredPruningCallback(init="taylor", calibration_batches=2, gate_lr=None, export_dir=None)
+    cb = StructuredPruningCallback(init="taylor", calibration_batches=2, gate_lr=None)
     module = tiny_module()
 
     class Check(Callback):
@@ -461,7 +479,6 @@ def test_taylor_init_prunes_dead_neurons_first(tmp_path):
             init=init,
             calibration_batches=2,
             tolerance=0.02,
-            export_dir=None,
         )
         make_trainer(tmp_path / init, [cb], max_steps=30).fit(module, token_loader(4))
         assert cb.deterministic_sparsity() >= 0.18, init  # both reached the target (uniform overshoots)
@@ -479,7 +496,7 @@ def test_taylor_init_prunes_dead_neurons_first(tmp_path):
 def test_taylor_init_runs_once_not_again_on_resume(tmp_path):
     def fit(root: Path, crash_at: int | None = None, ckpt_path: Path | None = None):
         module = tiny_module()
-        cb = StructuredPruningCallback(init="taylor", calibration_batches=2, export_dir=None)
+        cb = StructuredPruningCallback(init="taylor", calibration_batches=2)
         ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True)
         extra = [CrashAt(crash_at)] if crash_at is not None else []
         trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=4, enable_checkpointing=True)
@@ -509,7 +526,7 @@ class DumpPerRank(Callback):
 
 @pytest.mark.slow  # two spawned processes: ~30 s on a shared 2-core machine
 def test_ddp_spawn_two_ranks_agree(tmp_path):
-    cb = StructuredPruningCallback(target_sparsity=0.3, end_step=2, export_dir=None)
+    cb = StructuredPruningCallback(target_sparsity=0.3, end_step=2)
     trainer = make_trainer(
         tmp_path, [cb, DumpPerRank(str(tmp_path))], strategy="ddp_spawn", devices=2, max_steps=3
     )
@@ -528,14 +545,15 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):
 @pytest.mark.parametrize("kd_first", [False, True])
 def test_composes_with_distillation_in_either_order(tmp_path, kd_first):
     distillation = pytest.importorskip("lightcook.callbacks.distillation")
-    callbacks = [StructuredPruningCallback(end_step=2, export_dir=None), distillation.DistillationCallback()]
+    callbacks = [StructuredPruningCallback(end_step=2), distillation.DistillationCallback()]
     if kd_first:
         callbacks.reverse()
     module = tiny_module()
     trainer = make_trainer(tmp_path, callbacks, max_steps=1)
     trainer.fit(module, token_loader(1))
     metrics = trainer.callback_metrics
-    assert "train/kd_logits" in metrics and "compress/expected_sparsity" in metrics
+    assert any(k.startswith("compress/kd/") for k in metrics), sorted(metrics)  # KD's loss terms
+    assert {"compress/expected_sparsity", "compress/structured/lagrangian"} <= set(metrics)
     assert "training_step" not in module.__dict__  # both wrappers removed
 
 
@@ -550,29 +568,98 @@ def test_composes_with_fake_quant_listed_first(tmp_path):
     )
     o_proj = module.model.model.layers[0].self_attn.o_proj
     assert type(o_proj).__name__ == "QuantLinear" and len(o_proj._forward_pre_hooks) == 1
-    assert type(load_sliced(cb.exports["structured"])).__name__ == "LlamaForCausalLM"
+    path = save_compressed(module.model, tmp_path / "compressed")
+    assert "structured" in read_manifest(path)["techniques"]
+    assert type(load_compressed(path)).__name__ == "LlamaForCausalLM"
 
 
-def test_app_runs_and_reports_the_export(compose):
+def test_fast_app_run_short_of_the_target_warns_and_records_both(compose):
+    """``trainer=fast`` with the default schedule (end_step=100) stops after 3 steps, far from the 50%
+    target: the run says so with the reached and the wanted sparsity, and summary.json records both."""
     from lightcook.app import train
 
     cfg = compose(
         "model=tiny_llama",
         "trainer=fast",
         "+compress=[structured]",
-        "compress.structured.end_step=1",
-        "compress.structured.target_sparsity=0.3",
-        "trainer.max_steps=2",
+        "trainer.max_steps=3",
         "trainer.limit_val_batches=1",
         "save_model=false",
     )
     assert cfg.compress.structured._target_.endswith("StructuredPruningCallback")
-    summary = train(cfg)
-    export = Path(summary["exports"]["structured"])
-    assert export == Path(summary["run_dir"]) / "sliced" and (export / "lightcook.json").is_file()
-    model = load_sliced(export)
-    assert type(model).__name__ == "LlamaForCausalLM"
-    assert summary["compress"] == ["structured"] and summary["val_ppl_after"] is not None
+    with pytest.warns(
+        UserWarning, match=r"compress.structured: training ended at 0\.0+ sparsity .*target_sparsity=0\.5"
+    ):
+        summary = train(cfg)
+    outcome = summary["compress"]["structured"]
+    assert outcome["target_sparsity"] == 0.5 and outcome["reached_sparsity"] == 0.0
+    assert outcome["target_met"] is False and outcome["frozen_at"] is None and outcome["steps"] == 3
+    export = Path(summary["exports"]["compressed"])  # the one export step at fit end
+    assert export == Path(summary["run_dir"]) / "compressed"
+    assert "structured" in read_manifest(export)["techniques"]
+    assert type(load_compressed(export)).__name__ == "LlamaForCausalLM"
+
+
+def test_summary_of_a_plain_trainer_run_short_of_the_target(tmp_path):
+    cb = StructuredPruningCallback(target_sparsity=0.4, end_step=50)
+    with pytest.warns(UserWarning, match=r"training ended at 0\.\d{4} sparsity .* target_sparsity=0\.4"):
+        make_trainer(tmp_path, [cb], max_steps=3).fit(tiny_module(), token_loader(3))
+    summary = cb.summary()
+    assert summary["reached_sparsity"] == pytest.approx(cb.deterministic_sparsity(), abs=1e-6)
+    assert summary["target_met"] is False and summary["frozen_at"] is None
+    assert {"target_sparsity", "reached_sparsity", "target_met", "frozen_at"} <= set(summary)
+
+
+# --------------------------------------------------------------------------- a network elsewhere, resume guard
+
+
+@pytest.mark.parametrize("network", [None, "backbone"])
+def test_network_stored_as_backbone(tmp_path, network):
+    """A user module with its HF model as ``self.backbone`` and no ``compute_loss``: found by default
+    (the single pretrained model) or by ``network="backbone"``; Taylor init uses the network's own
+    ``.loss``; the module's own training_step (and its logging) still runs."""
+    module = BackboneModule()
+    cb = StructuredPruningCallback(target_sparsity=0.3, end_step=2, calibration_batches=2, network=network)
+    trainer = make_trainer(tmp_path, [cb], max_steps=2)
+    with pytest.warns(UserWarning, match="not within tolerance"):
+        trainer.fit(module, token_loader(2))
+    assert module.backbone.lightcook_gates is cb.gates and cb.state["initialized"] is True
+    spread = cb.gates.gates["neurons"].log_alpha.detach()
+    assert float(spread.max() - spread.min()) > 2.0  # ranked by the Taylor scores (init_spread 4, 2 steps)
+    assert {"train/own", "compress/structured/lagrangian", "compress/sparsity"} <= set(
+        trainer.callback_metrics
+    )
+
+
+def test_network_that_is_not_a_transformer_names_where_it_looked(tmp_path):
+    class TwoNets(BackboneModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 4)
+
+    with pytest.raises(
+        ValueError,
+        match=r"^compress.structured.architecture: Linear \(model_type=None\) has no known layout; .*"
+        r"\[looked in TwoNets.head \(Linear\); set compress.structured.network to point elsewhere\]$",
+    ):
+        make_trainer(tmp_path, [StructuredPruningCallback(network="head")]).fit(TwoNets(), token_loader(1))
+
+
+def test_resume_with_other_units_fails_before_training(tmp_path):
+    module = tiny_module()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = StructuredPruningCallback(units=["heads", "neurons"], end_step=1, tolerance=0.9)
+    make_trainer(tmp_path, [cb, ckpt], max_steps=1, enable_checkpointing=True).fit(module, token_loader(1))
+    last = tmp_path / "ckpt" / "last.ckpt"
+    resumed = tiny_module()
+    other = StructuredPruningCallback(units=["neurons"], end_step=1)
+    with pytest.raises(
+        ValueError,
+        match=r"^compress.structured.units: the checkpoint .*last.ckpt was trained with \['heads', 'neurons'\], "
+        r"this run has \['neurons'\]",
+    ):
+        make_trainer(tmp_path, [other], max_steps=2).fit(resumed, token_loader(1), ckpt_path=str(last))
+    assert other.state["steps"] == 0  # not a single step
 
 
 # --------------------------------------------------------------------------- the real model
@@ -587,8 +674,8 @@ def test_smollm2_gates_train_and_export(tmp_path):
     cb = StructuredPruningCallback(target_sparsity=0.5, end_step=2, gate_lr=0.5)
     trainer = make_trainer(tmp_path, [cb], max_steps=3)
     trainer.fit(module, data)
-    assert cb.gates.layer_params == layer_parameter_count(module.model, cb._arch)
-    sliced = load_sliced(cb.exports["structured"])
+    assert cb.gates.layer_params == layer_parameter_count(module.model, cb.architecture)
+    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"))
     ids = torch.randint(0, 49152, (1, 16))
     module.eval()
     with torch.no_grad():

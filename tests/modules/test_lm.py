@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lightcook.modules import CausalLMModule, Seq2SeqLMModule
 from lightcook.modules.lm import warmup_cosine
-from tests.conftest import TINY_LLAMA, random_batch
+from tests.helpers import TINY_LLAMA, random_batch
 
 
 def test_loss_matches_cross_entropy_and_ppl_is_exp_loss():

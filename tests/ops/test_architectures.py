@@ -12,74 +12,22 @@ from lightcook.ops.architectures import (
     ATTENTION,
     FFN,
     architecture_from_dict,
+    find_blocks,
     get_architecture,
     layer_parameter_count,
     linear_dims,
     resolve_blocks,
 )
 from lightcook.ops.hard_concrete import block_counts
-
-VOCAB = 256
-TINY = {
-    "llama": {
-        "model_type": "llama",
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": True,
-    },
-    "gpt2": {
-        "model_type": "gpt2",
-        "vocab_size": VOCAB,
-        "n_embd": 32,
-        "n_layer": 2,
-        "n_head": 4,
-        "n_positions": 64,
-    },
-    "t5": {
-        "model_type": "t5",
-        "vocab_size": VOCAB,
-        "d_model": 32,
-        "d_kv": 8,
-        "d_ff": 64,
-        "num_layers": 2,
-        "num_decoder_layers": 2,
-        "num_heads": 4,
-        "feed_forward_proj": "gated-gelu",
-        "decoder_start_token_id": 0,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-    },
-}
-
-
-def tiny_model(kind: str, seed: int = 0, **overrides) -> nn.Module:
-    """A random tiny Hugging Face model (eval mode) of ``kind`` in llama / gpt2 / t5."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    config = dict(TINY[kind], **overrides)
-    model_type = config.pop("model_type")
-    auto = AutoModelForSeq2SeqLM if model_type == "t5" else AutoModelForCausalLM
-    torch.manual_seed(seed)
-    return auto.from_config(AutoConfig.for_model(model_type, **config)).eval()
-
-
-def model_inputs(kind: str, seed: int = 0, batch: int = 2, length: int = 12) -> dict[str, torch.Tensor]:
-    """Random token inputs for ``kind`` (T5 gets decoder inputs too)."""
-    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if kind == "t5":
-        inputs["decoder_input_ids"] = ids.flip(1)
-    return inputs
-
-
-def distinct_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
-
+from tests.helpers.structured_moe import (  # noqa: F401  (re-exported: other test modules import them from here)
+    MYSTERY_LAYOUT,
+    TINY,
+    VOCAB,
+    Mystery,
+    distinct_params,
+    model_inputs,
+    tiny_model,
+)
 
 EXPECTED_BLOCKS = {  # (attention blocks, FFN blocks)
     "llama": (2, 2),
@@ -208,29 +156,6 @@ def test_aliases_and_registered_names():
     assert get_architecture(model, "mistral").name == "llama"
 
 
-class _Block(nn.Module):
-    def __init__(self, width: int = 16, hidden: int = 32) -> None:
-        super().__init__()
-        self.ln = nn.LayerNorm(width)
-        self.ff = nn.Module()
-        self.ff.up, self.ff.down, self.ff.act = nn.Linear(width, hidden), nn.Linear(hidden, width), nn.GELU()
-
-
-class Mystery(nn.Module):
-    """Not a Hugging Face model: blocks of LayerNorm + MLP only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([_Block(), _Block()])
-
-
-MYSTERY_LAYOUT = {
-    "layers": "blocks",
-    "attention": None,
-    "ffn": {"path": "ff", "norm": "ln", "inputs": ["up"], "output": "down", "activation": "act"},
-}
-
-
 def test_unknown_layout_without_mapping_is_a_clear_error():
     with pytest.raises(
         ValueError,
@@ -264,6 +189,27 @@ def test_dict_layout_errors_name_the_key():
 def test_wrong_layout_for_the_model_says_where():
     with pytest.raises(ValueError, match="no layer list at 'transformer.h'"):
         resolve_blocks(tiny_model("llama"), get_architecture(tiny_model("llama"), "gpt2"))
+
+
+def test_find_blocks_filters_by_kind_and_says_where_it_looked():
+    arch, blocks = find_blocks(tiny_model("gpt2"), kind=FFN)
+    assert arch.name == "gpt2" and [b.name for b in blocks] == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
+    where = "looked in Demo.backbone (Mystery); set compress.moe.network to point elsewhere"
+    with pytest.raises(
+        ValueError,
+        match=r"^architecture: Mystery \(model_type=None\) has no known layout.*\[looked in Demo\.backbone",
+    ):
+        find_blocks(Mystery(), where=where)
+    with pytest.raises(
+        ValueError,
+        match=r"^architecture: layout 'gpt2': the model has no layer list .*compress\.moe\.network",
+    ):
+        find_blocks(tiny_model("llama"), "gpt2", where=where)
+    no_attention = {**MYSTERY_LAYOUT, "ffn": None}
+    with pytest.raises(
+        ValueError, match=r"^architecture: layout 'custom' finds no ffn in Mystery; give a mapping with 'ffn'"
+    ):
+        find_blocks(Mystery(), no_attention, kind=FFN)
 
 
 @pytest.mark.slow

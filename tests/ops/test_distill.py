@@ -1,4 +1,5 @@
-"""Distillation losses against torch.nn.functional references and brute-force loops."""
+"""Distillation losses against torch.nn.functional references and brute-force loops; KDConfig
+validation; prepare_ / distillation_terms in a training loop of one's own (no Lightning)."""
 
 import math
 
@@ -7,12 +8,22 @@ import torch
 import torch.nn.functional as F
 
 from lightcook.ops.distill import (
+    KDConfig,
+    MemoryBank,
     attention_loss,
+    capture_features,
+    distillation_terms,
     hidden_mse,
     kd_logits_loss,
+    parse_hidden_map,
+    prepare_,
+    real_positions,
+    starting_copy,
+    teacher_inputs,
     token_contrastive_loss,
     uniform_layer_map,
 )
+from tests.helpers import TINY_LLAMA
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -212,3 +223,170 @@ def test_uniform_layer_map():
     assert all(t == math.floor((s + 1) * 30 / 10) - 1 for s, t in uniform_layer_map(10, 30))
     with pytest.raises(ValueError, match="layer counts"):
         uniform_layer_map(0, 3)
+
+
+def test_parse_hidden_map_defaults_to_post():
+    (pair,) = parse_hidden_map([" [pre]model.layers.0 : model.layers.2 "])
+    assert (pair.student, pair.student_point, pair.teacher, pair.teacher_point) == (
+        "model.layers.0",
+        "pre",
+        "model.layers.2",
+        "post",
+    )
+
+
+# --------------------------------------------------------------------------- KDConfig
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"logits_scale": 0.0}, r"^logits_scale: every distillation scale is 0"),
+        ({"task_scale": -0.5}, r"^task_scale: must lie in \[0.0, inf\], got -0.5"),
+        ({"contrastive_scale": float("nan")}, r"^contrastive_scale: must be a finite number"),
+        ({"temperature": -1.0}, r"^temperature: must be > 0.0, got -1.0"),
+        ({"contrastive_temperature": "hot"}, r"^contrastive_temperature: must be a number"),
+        ({"teacher_dtype": "int4"}, r"^teacher_dtype: got 'int4'; allowed: None, 'float32'"),
+        ({"memory_bank_size": 1.5}, r"^memory_bank_size: must be an integer"),
+        ({"hidden_scale": 1.0, "hidden_map": ["a:b:c"]}, r"^hidden_map\[0\]: 'a:b:c' is not"),
+        ({"attention_layers": "all"}, r"^attention_layers: expected 'uniform' or a non-empty list"),
+        ({"attention_layers": []}, r"^attention_layers: expected 'uniform' or a non-empty list"),
+    ],
+)
+def test_kd_config_validates_itself_without_a_prefix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KDConfig(**kwargs)
+
+
+def test_kd_config_lists_become_tuples_and_shape_fields():
+    config = KDConfig(hidden_scale=1.0, hidden_map=["a:b"], attention_layers=["0:1"], memory_bank_size=4)
+    assert config.hidden_map == ("a:b",) and config.attention_layers == ("0:1",)
+    assert hash(config) == hash(
+        KDConfig(hidden_scale=1.0, hidden_map=("a:b",), attention_layers=("0:1",), memory_bank_size=4)
+    )
+    assert config.shape() == {"hidden_map": ["a:b"], "projection": True, "memory_bank_size": 4}
+    assert config.student_points == [("a", "post")] and config.teacher_points == [("b", "post")]
+    assert KDConfig(attention_scale=1.0, contrastive_scale=1.0).forward_kwargs() == {
+        "output_attentions": True,
+        "output_hidden_states": True,
+    }
+    with pytest.raises(ValueError, match=r"^compress.kd.memory_bank_size: must lie"):
+        KDConfig.build("compress.kd.", memory_bank_size=-2)
+
+
+# --------------------------------------------------------------------------- a loop of one's own
+
+
+def _tiny(width: int = 32, layers: int = 2, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    fields.update(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
+
+
+def test_plain_loop_terms_match_references_and_train_the_projection():
+    student, teacher = _tiny(), _tiny(width=48, layers=4, seed=1)
+    config = KDConfig(
+        task_scale=0.5,
+        logits_scale=2.0,
+        temperature=2.0,
+        hidden_scale=3.0,
+        hidden_map=["model.layers.0:model.layers.1"],
+        contrastive_scale=1.0,
+        memory_bank_size=10,
+    )
+    plan = prepare_(student, teacher, config)
+    assert set(plan.projections) == {"hidden_0", "contrastive"} and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    optimizer = torch.optim.SGD([*student.parameters(), *plan.projections.parameters()], lr=0.1)
+    bank = MemoryBank(config.memory_bank_size)
+    ids = torch.randint(0, 256, (2, 6), generator=_gen(30))
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]), "labels": ids}
+    before = plan.projections["hidden_0"].weight.detach().clone()
+    for step in range(2):
+        with capture_features(student, config.student_points) as s_feats:
+            s_out = student(**batch, **config.forward_kwargs())
+        with torch.no_grad(), capture_features(teacher, config.teacher_points) as t_feats:
+            t_out = teacher(**teacher_inputs(batch, student, teacher), **config.forward_kwargs())
+        masks = real_positions(batch)
+        terms = distillation_terms(
+            config,
+            plan,
+            s_out,
+            t_out,
+            masks,
+            student_features=s_feats,
+            teacher_features=t_feats,
+            token_ids=ids,
+            bank=bank,
+        )
+        if step == 0:  # against references outside our code, before any update
+            real = masks["decoder"]
+            kl = F.kl_div(
+                F.log_softmax(s_out.logits[real] / 2, -1),
+                F.log_softmax(t_out.logits[real] / 2, -1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            assert torch.allclose(terms["logits"], 2.0 * 4.0 * kl, rtol=1e-4)
+            s_hidden = plan.projections["hidden_0"](s_feats[("model.layers.0", "post")])
+            mse = F.mse_loss(s_hidden[real], t_feats[("model.layers.1", "post")][real])
+            assert torch.allclose(terms["hidden"], 3.0 * mse, rtol=1e-5)
+            assert bank.tensor.shape == (10, 48)  # this step's teacher tokens (10 real) went in
+        loss = config.task_scale * s_out.loss + sum(terms.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not torch.equal(plan.projections["hidden_0"].weight, before)  # the projection trained
+
+
+def test_prepare_rejects_mismatched_pairs():
+    student = _tiny()
+    with pytest.raises(
+        ValueError,
+        match=r"^hidden_map\[0\]: widths differ \(student 32, teacher 48\) and projection is false",
+    ):
+        prepare_(
+            student,
+            _tiny(width=48),
+            KDConfig(hidden_scale=1.0, hidden_map=["model.norm:model.norm"], projection=False),
+        )
+    with pytest.raises(ValueError, match=r"^attention_layers: pair 0:5 is out of range"):
+        prepare_(student, _tiny(), KDConfig(attention_scale=1.0, attention_layers=["0:5"]))
+    other = _tiny()
+    other.resize_token_embeddings(300)
+    with pytest.raises(ValueError, match=r"^teacher: vocabulary mismatch: .* 300 tokens, the student 256"):
+        prepare_(student, other, KDConfig())
+
+
+def test_starting_copy_rebuilds_and_refuses_moved_weights():
+    student = _tiny()
+    teacher = starting_copy(student)
+    assert teacher is not student and type(teacher) is type(student)
+    assert all(
+        torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values())
+    )
+    mlp = student.model.layers[0].mlp
+    mlp.down_proj = torch.nn.Sequential(mlp.down_proj)  # a module swap moves the weight
+    with pytest.raises(ValueError, match=r"^teacher: its weights \['model.layers.0.mlp.down_proj.weight'\]"):
+        starting_copy(student)
+    with pytest.raises(ValueError, match=r"^teacher: it is not a Hugging Face model"):
+        starting_copy(torch.nn.Linear(2, 2), rebuild_only=True)
+
+
+def test_memory_bank_keeps_the_newest_and_real_positions():
+    bank = MemoryBank(3, torch.arange(8.0).reshape(4, 2))
+    assert bank.tensor.shape == (3, 2)
+    bank.push(torch.full((2, 2), -1.0))
+    assert bank.tensor[:, 0].tolist() == [-1.0, -1.0, 0.0]
+    off = MemoryBank(0)
+    off.push(torch.ones(2, 2))
+    assert off.tensor is None
+    batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    labels = torch.tensor([[-100, 5, 5, 5]])
+    assert real_positions(batch, labels)["decoder"].tolist() == [[False, True, True, False]]
+    seq2seq = real_positions(batch, labels, encoder_decoder=True)
+    assert seq2seq["encoder"].tolist() == [[True, True, True, False]]
+    assert seq2seq["decoder"].tolist() == [[False, True, True, True]]

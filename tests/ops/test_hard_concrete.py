@@ -14,12 +14,18 @@ from lightcook.ops.architectures import get_architecture, layer_parameter_count,
 from lightcook.ops.hard_concrete import (
     AdamMoments,
     HardConcreteGate,
+    StructuredConfig,
     attach_gates,
     check_gate_args,
     detach_gates,
+    deterministic_sparsity,
+    expected_sparsity,
+    gate_gradients,
+    lagrangian,
+    prepare_,
     reverse_grad,
 )
-from tests.ops.test_architectures import model_inputs, tiny_model
+from tests.helpers.structured_moe import MYSTERY_LAYOUT, Mystery, model_inputs, tiny_model
 
 ALL_UNITS = ["heads", "neurons", "attention_layers", "ffn_layers"]
 
@@ -104,9 +110,9 @@ def test_adam_moments_match_torch_adam():
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        ((0.0, 2 / 3, -0.1, 1.1), "k.droprate_init must lie in"),
-        ((1.0, 2 / 3, -0.1, 1.1), "k.droprate_init must lie in"),
-        ((0.1, 0.0, -0.1, 1.1), "k.beta must be > 0"),
+        ((0.0, 2 / 3, -0.1, 1.1), r"k.droprate_init: must lie in"),
+        ((1.0, 2 / 3, -0.1, 1.1), r"k.droprate_init: must lie in"),
+        ((0.1, 0.0, -0.1, 1.1), "k.beta: must be > 0"),
         ((0.1, 2 / 3, 0.1, 1.1), "limit_l < 0 < 1 < limit_r"),
         ((0.1, 2 / 3, -0.1, 0.9), "limit_l < 0 < 1 < limit_r"),
     ],
@@ -247,3 +253,76 @@ def test_attach_twice_or_without_units_fails():
     detach_gates(model)
     with pytest.raises(ValueError, match="no block of the model carries"):
         attach_gates(model, [], ["heads"], 0)
+
+
+# --------------------------------------------------------------------------- config and pure transforms
+
+
+def test_structured_config_normalises_and_validates():
+    config = StructuredConfig(
+        units=["neurons", "heads", "neurons"], target_sparsity=0.4, start_step=2, end_step=6
+    )
+    assert config.units == ("neurons", "heads") and config.shape() == {
+        "units": ["neurons", "heads"],
+        "architecture": None,
+    }
+    assert [config.target_at(s) for s in (0, 2, 4, 6, 9)] == [0.0, 0.0, pytest.approx(0.2), 0.4, 0.4]
+    assert StructuredConfig(gate_lr=0.3, lambda_lr=None).multiplier_lr == 0.3
+    with pytest.raises(ValueError, match=r"^end_step: must be >= start_step \(5\), got 4$"):
+        StructuredConfig(start_step=5, end_step=4)
+    with pytest.raises(ValueError, match=r"^dual_restart: got 1; allowed: True, False$"):
+        StructuredConfig(dual_restart=1)
+
+
+def test_prepare_gates_a_network_without_lightning_and_keeps_its_function():
+    model = tiny_model("gpt2")
+    inputs = model_inputs("gpt2")
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    gates = prepare_(model, StructuredConfig(units=["heads", "ffn_layers"], seed=3))
+    assert model.lightcook_gates is gates and gates.architecture.name == "gpt2" and gates.seed == 3
+    assert sorted(gates.gates) == ["ffn_layers", "heads"] and deterministic_sparsity(gates) == 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, dense)  # eval: every gate open
+    with pytest.raises(ValueError, match=r"^units: \['heads'\] not available for architecture 'custom'"):
+        prepare_(Mystery(), StructuredConfig(units=["heads"], architecture=MYSTERY_LAYOUT))
+
+
+def test_lagrangian_value_and_gradient_ascent_on_the_multipliers():
+    model = tiny_model("llama")
+    gates = prepare_(model, StructuredConfig(units=["neurons"]))
+    with torch.no_grad():
+        gates.lambda_1.fill_(2.0)
+        gates.lambda_2.fill_(3.0)
+    penalty, expected = lagrangian(gates, 0.5)
+    gap = float(expected.detach()) - 0.5
+    assert float(penalty.detach()) == pytest.approx(2.0 * gap + 3.0 * gap**2, rel=1e-5)
+    assert torch.equal(expected, expected_sparsity(gates).float())
+    penalty.backward()
+    assert float(gates.lambda_1.grad) == pytest.approx(-gap, rel=1e-5)  # reversed: ascent
+    assert float(gates.lambda_2.grad) == pytest.approx(-(gap**2), rel=1e-5)
+    assert gates.gates["neurons"].log_alpha.grad is not None
+
+
+def test_gate_gradients_equal_the_unit_outputs_times_their_gradients():
+    """At z = 1, ∂L/∂z of an FFN neuron is Σ_tokens h·∂L/∂h with h the input of down_proj."""
+    model = tiny_model("llama")
+    gates = prepare_(model, StructuredConfig(units=["neurons"]))
+    batches = [model_inputs("llama", seed=s) for s in (0, 1)]
+    loss_of = lambda b: model(**b, labels=b["input_ids"]).loss  # noqa: E731
+    got = gate_gradients(gates, loss_of, batches)["neurons"]
+    seen: list[torch.Tensor] = []
+    layers = model.model.layers
+    hooks = [
+        layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0])) for layer in layers
+    ]
+    reference = 0
+    with gates.probe():
+        for batch in batches:
+            seen.clear()
+            grads = torch.autograd.grad(loss_of(batch), seen)
+            reference = reference + torch.cat([(h * g).sum((0, 1)) for h, g in zip(seen, grads)]).double()
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())  # the weights got no gradient

@@ -13,9 +13,9 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from lightcook.ops.moe import (
-    AddAuxiliaryLoss,
     CentroidRouter,
     MLPRouter,
+    MoEConfig,
     MoEFFN,
     OracleRouter,
     RandomRouter,
@@ -28,10 +28,14 @@ from lightcook.ops.moe import (
     fit_centroid_router,
     make_router,
     partition_permutation,
+    prepare_,
     random_partition,
+    router_aux_loss,
     router_loss,
+    split_,
     train_mlp_router,
 )
+from tests.helpers.structured_moe import model_inputs, tiny_model
 
 D, D_FF = 32, 64
 
@@ -354,20 +358,85 @@ def test_router_finetune_gradient_leaves_the_output_unchanged():
     moe.set_routed(True)
     x = torch.randn(2, 6, D)
     out = moe(x)
-    assert moe.last_router_loss is not None
-    out.sum().backward()
+    assert moe.last_router_loss is not None and moe.aux_loss is not None
+    out.sum().backward()  # the output alone does not train the router ...
+    assert moe.router.fc1.weight.grad is None
+    router_aux_loss([moe]).backward()  # ... its recorded loss, added to the training loss, does
     assert moe.router.fc1.weight.grad is not None and moe.router.fc1.weight.grad.abs().sum() > 0
     with torch.no_grad():
         torch.testing.assert_close(out.detach(), moe.eval()(x))  # same function as the sparse path
 
 
-def test_add_auxiliary_loss_sends_gradient_one():
-    w = torch.tensor(2.0, requires_grad=True)
-    x = torch.ones(3, requires_grad=True)
-    y = AddAuxiliaryLoss.apply(x, w * 5.0)
-    assert torch.equal(y, x)
-    y.sum().backward()
-    assert float(w.grad) == 5.0 and torch.equal(x.grad, torch.ones(3))
+def test_router_loss_term_gives_the_router_gradient_of_its_regression_loss():
+    """The term ``router_aux_loss`` returns (what MoEfication adds to the loss) gives every parameter
+    the gradient of ``task + weight · router_loss(router(x), expert_mass(h))``, computed here by hand:
+    the router gets exactly the regression gradient (the gradient-only trick it replaces gave the same)."""
+    moe = wrap(llama_mlp(), router="mlp", router_loss_weight=0.5).train()
+    moe.set_routed(True)
+    x = torch.randn(3, 5, D)
+    params = [p for p in moe.parameters() if p.requires_grad]
+    got = torch.autograd.grad(moe(x).square().sum() + router_aux_loss([moe]), params, allow_unused=True)
+    x2 = x.reshape(-1, D)
+    h = moe.intermediate(x2)
+    scores = moe.router(x2)
+    top = scores.topk(2, dim=1).indices
+    mask = torch.zeros_like(scores).scatter_(1, top, 1.0)
+    out = moe.down_proj((h.view(-1, 8, D_FF // 8) * mask[:, :, None]).view(h.shape))
+    reference = out.square().sum() + 0.5 * router_loss(scores, expert_mass(h, 8))
+    want = torch.autograd.grad(reference, params, allow_unused=True)
+    for name, a, b in zip([n for n, p in moe.named_parameters() if p.requires_grad], got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    assert any(n.startswith("router.") for n, p in moe.named_parameters() if p.requires_grad)
+    assert router_aux_loss([moe]) is None  # taken once
+
+
+def test_router_aux_loss_keeps_only_the_last_forward():
+    moe = wrap(llama_mlp(), router="mlp", router_loss_weight=1.0).train()
+    moe.set_routed(True)
+    for seed in range(3):  # forwards nobody collected do not pile up graphs
+        moe(torch.randn(2, 4, D, generator=torch.Generator().manual_seed(seed)))
+    assert float(router_aux_loss([moe]).detach()) == pytest.approx(moe.last_router_loss)
+    moe.eval()(torch.randn(2, 4, D))
+    assert moe.aux_loss is None  # nothing recorded outside training
+
+
+# --------------------------------------------------------------------------- config and pure transforms
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_experts": 0}, r"^num_experts: must lie in \[1, inf\], got 0$"),
+        ({"top_k": 9, "num_experts": 8}, r"^top_k: must be <= num_experts \(8\), got 9$"),
+        ({"split": "spectral"}, r"^split: got 'spectral'; allowed: 'kmeans', 'coactivation', 'random'$"),
+        ({"router_lr": 0}, r"^router_lr: must be > 0, got 0$"),
+        ({"architecture": 3}, r"^architecture: expected null, a layout name or a mapping"),
+    ],
+)
+def test_moe_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**kwargs)
+
+
+def test_prepare_and_split_without_lightning():
+    model = tiny_model("gpt2")  # GPT-2 d_ff = 128
+    inputs = model_inputs("gpt2")
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    config = MoEConfig(num_experts=8, top_k=8, split="kmeans", router="mlp", router_steps=5, router_hidden=8)
+    moes = prepare_(model, config)
+    assert sorted(moes) == ["transformer.h.0.mlp", "transformer.h.1.mlp"] and prepare_(model, config) == moes
+    outcome = split_(model, moes, config, [inputs, model_inputs("gpt2", seed=1)])
+    assert outcome["calibration_tokens"] == 2 * 2 * 12 and outcome["router_fit_loss"] is not None
+    assert all(bool(m.routed) and not torch.equal(m.perm, torch.arange(128)) for m in moes.values())
+    with torch.no_grad():  # top_k = num_experts: permuted and routed, still the dense function
+        torch.testing.assert_close(model(**inputs).logits, dense, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"^calibration_batches: no training batch"):
+        split_(model, moes, config, [])
+    with pytest.raises(ValueError, match=r"^num_experts: .* already split into 8 experts"):
+        prepare_(model, MoEConfig(num_experts=16, top_k=2))
 
 
 # --------------------------------------------------------------------------- errors, statistics, bucketing

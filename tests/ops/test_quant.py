@@ -630,3 +630,114 @@ def test_pack_codes_round_trip(bits, signed):
     packed = pack_codes(codes, bits, signed)
     assert packed.dtype == torch.uint8 and packed.shape == (4, math.ceil(10 * bits / 8))
     assert torch.equal(unpack_codes(packed, bits, 10, signed), codes)
+
+
+# --------------------------------------------------------------------------- config and transforms
+
+
+def test_quant_config_checks_every_field_without_a_prefix():
+    from lightcook.ops.quant import QuantConfig
+
+    cases = {
+        "bits": {"bits": 3},
+        "granularity": {"granularity": "row"},
+        "group_size": {"group_size": 0},
+        "symmetric": {"symmetric": 1},
+        "method": {"method": "minmax"},
+        "activations": {"activations": "int8"},
+        "act_bits": {"act_bits": 16},
+        "calibration_batches": {"calibration_batches": True},
+    }
+    for field, kwargs in cases.items():
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            QuantConfig(**kwargs)
+    cfg = QuantConfig(bits=4, granularity="group", group_size=32)
+    assert cfg.spec == QuantSpec(4, "group", 32, True) and "calibration_batches" not in cfg.shape()
+    with pytest.raises(AttributeError):
+        cfg.bits = 8  # frozen
+
+
+def _two_layer_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_prepare_swaps_selected_layers_keeping_parameters():
+    from lightcook.ops.quant import QuantConfig, prepare_
+
+    net = _two_layer_net()
+    weight, bias = net[0].weight, net[0].bias
+    net[0].register_buffer("weight_mask", torch.ones(8, 16, dtype=torch.bool))
+    layers = prepare_(net, QuantConfig(bits=4, method="lsq"), ["0"])
+    assert list(layers) == ["0"] and net[0] is layers["0"] and type(net[2]) is nn.Linear
+    assert net[0].weight is weight and net[0].bias is bias and "weight_mask" in net[0]._buffers
+    assert net[0].weight_quantizer.step._no_weight_decay
+    assert prepare_(net, QuantConfig(bits=4, method="lsq"), ["0"])["0"] is layers["0"]  # idempotent
+    with pytest.raises(ValueError, match=r"^targets: 0 is already quantized with other settings"):
+        prepare_(net, QuantConfig(bits=8), ["0"])
+
+
+def test_prepare_checks_every_layer_before_swapping_any():
+    from lightcook.ops.quant import QuantConfig, prepare_
+
+    net = _two_layer_net()
+    with pytest.raises(
+        ValueError, match=r"^group_size: 2 has 8 input features, not divisible by group_size=16"
+    ):
+        prepare_(net, QuantConfig(granularity="group", group_size=16))
+    assert not any(isinstance(m, QuantLinear) for m in net.modules())
+    with pytest.raises(ValueError, match=r"^targets: emb is an embedding"):
+        prepare_(nn.ModuleDict({"emb": nn.Embedding(4, 4)}), QuantConfig(), ["emb"])
+
+
+def test_prepare_turns_conv1d_into_the_equivalent_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    from lightcook.ops.quant import QuantConfig, prepare_
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(8, 16))  # weight (in=16, out=8)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = net[0](x)
+    weight = net[0].weight.detach().clone()
+    prepare_(net, QuantConfig(activations="none", bits=8))
+    assert isinstance(net[0], QuantLinear) and torch.equal(net[0].weight.detach(), weight.t())
+    torch.testing.assert_close(torch.nn.functional.linear(x, net[0].weight, net[0].bias), want)
+
+
+def test_calibrate_records_max_abs_input_in_eval_mode_and_restores_train():
+    from lightcook.ops.quant import QuantConfig, calibrate_, prepare_
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    batches = [torch.randn(2, 4, generator=_gen(i)) for i in range(3)]
+    prepare_(net, QuantConfig(activations="static"))
+    first = net[0]
+    with torch.no_grad():  # calibrating: inputs pass unquantized, weights fake-quantized, dropout off
+        w0 = first.weight_quantizer(first.weight)
+        hidden = [torch.nn.functional.linear(b, w0, first.bias).abs().max() for b in batches]
+    assert calibrate_(net, batches) == 3 and net.training
+    assert torch.equal(net[0].input_quantizer.amax, torch.stack([b.abs().max() for b in batches]).max())
+    assert torch.equal(net[2].input_quantizer.amax, torch.stack(hidden).max())
+    with pytest.raises(RuntimeError, match=r"^activations='static': no batch"):
+        calibrate_(net, [])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind"),
+    [({"bits": 8}, "Int8Linear"), ({"bits": 4, "granularity": "group", "group_size": 8}, "DequantLinear")],
+)
+def test_convert_folds_quant_layers_into_their_inference_layers(kwargs, kind):
+    from lightcook.ops.quant import QuantConfig, convert_, prepare_
+
+    net = _two_layer_net()
+    prepare_(net, QuantConfig(**kwargs))
+    x = torch.randn(5, 16, generator=_gen(3))
+    with torch.no_grad():
+        want = net(x)
+    converted = convert_(net)
+    assert sorted(converted) == ["0", "2"] and {type(m).__name__ for m in net.modules()} >= {kind}
+    assert not any(isinstance(m, QuantLinear) for m in net.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)

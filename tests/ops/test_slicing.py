@@ -1,6 +1,7 @@
 """Slicing against the gated model it comes from: same outputs (gate values folded in), parameter
-counts equal to the expected-size formula for deterministic gates, export round trips, config
-updates, layer deletion, and errors."""
+counts equal to the expected-size formula for deterministic gates, rebuilding from the described
+structure, config updates, layer deletion, and errors. (The export round trips are in
+tests/export/codecs/test_structured.py.)"""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightcook.export.common import write_export
 from lightcook.ops.architectures import ZeroAttention, get_architecture, layer_parameter_count, resolve_blocks
 from lightcook.ops.hard_concrete import GateSet, attach_gates
-from lightcook.ops.slicing import BlockPlan, load_sliced, plan_from_gates, save_sliced, slice_model
+from lightcook.ops.slicing import BlockPlan, apply_structure, describe_structure, plan_from_gates, slice_model
 from tests.ops.test_architectures import distinct_params, model_inputs, tiny_model
 
 ALL_UNITS = ["heads", "neurons", "attention_layers", "ffn_layers"]
@@ -139,37 +139,14 @@ def test_deleted_layer_updates_the_config_and_layer_indices():
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
-def test_export_round_trip(kind, tmp_path):
+def test_described_structure_rebuilds_the_sliced_shapes(kind):
     model, gates = gated(kind)
     with torch.no_grad():
         _first_attention_off(gates)
     sliced = slice_model(model)
-    out = save_sliced(sliced, tmp_path / "sliced", extra={"note": "x"})
-    reloaded = load_sliced(out)
-    assert type(reloaded) is type(sliced) and not reloaded.training
-    assert torch.allclose(logits(reloaded, kind), logits(sliced, kind), atol=1e-6)
-    assert distinct_params(reloaded) == distinct_params(sliced)
-    if kind == "llama":  # tied embeddings stay tied
-        assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
-
-
-def test_uniform_pruning_gives_a_plain_hugging_face_checkpoint(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    model = tiny_model("llama")
-    plan = {f"model.layers.{i}.self_attn": BlockPlan(kept=[1]) for i in range(2)}
-    plan.update({f"model.layers.{i}.mlp": BlockPlan(kept=list(range(40))) for i in range(2)})
-    sliced = slice_model(model, plan)
-    config = sliced.config
-    assert (
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-        config.intermediate_size,
-    ) == (2, 1, 8, 40)
-    out = save_sliced(sliced, tmp_path / "uniform")
-    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # no lightcook loader involved
-    assert torch.allclose(logits(plain, "llama"), logits(sliced, "llama"), atol=1e-6)
+    rebuilt = apply_structure(type(sliced)(copy.deepcopy(sliced.config)), describe_structure(sliced))
+    rebuilt.load_state_dict(sliced.state_dict())  # strict: every shape fits
+    assert torch.allclose(logits(rebuilt.eval(), kind), logits(sliced, kind), atol=1e-6)
 
 
 def test_plan_errors():
@@ -184,16 +161,9 @@ def test_plan_errors():
         slice_model(model, {"model.layers.0.mlp": BlockPlan(kept=[0], unit_values=[1.0, 1.0])})
 
 
-def test_export_errors(tmp_path):
-    model, _ = gated("llama")
-    with pytest.raises(ValueError, match="still carries gates"):
-        save_sliced(model, tmp_path / "x")
-    with pytest.raises(ValueError, match="not a lightcook export"):
-        load_sliced(tmp_path)
-    plain = tiny_model("llama")
-    write_export(tmp_path / "other", plain, dict(plain.state_dict()), {"layers": {}})
-    with pytest.raises(ValueError, match="not a structured-pruning export"):
-        load_sliced(tmp_path / "other")
+def test_structure_naming_a_missing_block_fails():
+    with pytest.raises(ValueError, match=r"blocks \['model.layers.9.mlp'\] do not exist"):
+        apply_structure(tiny_model("llama"), {"model.layers.9.mlp": {"removed": True}})
 
 
 def test_masks_and_parametrized_weights_are_cut_with_the_weight():

@@ -347,3 +347,105 @@ def test_apply_mask_in_place_on_parameter():
     apply_mask_(param, mask)
     assert torch.equal(param.detach(), before * mask)
     assert param.requires_grad and param.grad is None
+
+
+# --------------------------------------------------------------------------- config and transforms
+
+
+def test_nm_config_checks_every_field_without_a_prefix():
+    from lightcook.ops.sparsity import NMConfig
+
+    cases = {
+        "mode": {"mode": "blocks"},
+        "n": {"n": 0},
+        "m": {"pattern": "2d", "n": 4, "m": 8},
+        "pattern": {"pattern": "3d"},
+        "sparsity": {"sparsity": 0.5},
+        "scope": {"scope": "global"},
+        "criterion": {"criterion": "taylor"},
+        "calibration_batches": {"calibration_batches": 0},
+        "start_step": {"start_step": -1},
+        "end_step": {"start_step": 3, "end_step": 1},
+        "ramp_every": {"ramp_every": 0},
+        "recompute_every": {"recompute_every": -2},
+        "sr_ste_decay": {"sr_ste_decay": -1.0},
+    }
+    for field, kwargs in cases.items():
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            NMConfig(**kwargs)
+    assert NMConfig(mode="unstructured").sparsity == 0.5 and NMConfig().sparsity is None
+    assert set(NMConfig().shape()) == {"mode", "n", "m", "pattern", "sparsity", "scope", "sr_ste_decay"}
+
+
+def test_prepare_adds_all_true_masks_and_checks_shapes_first():
+    from lightcook.ops.sparsity import NMConfig, prepare_
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 6))
+    layers = prepare_(net, NMConfig(n=2, m=4))
+    assert sorted(layers) == ["0", "1"] and all(bool(layer.weight_mask.all()) for layer in layers.values())
+    assert "0.weight_mask" in net.state_dict()
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 6))
+    with pytest.raises(ValueError, match=r"^m: 1 has 6 output features, not divisible by m=4 \(pattern 2d\)"):
+        prepare_(fresh, NMConfig(n=2, m=4, pattern="2d"))
+    assert not any(hasattr(m, "weight_mask") for m in fresh)  # nothing half-prepared
+
+
+def test_compute_masks_on_conv1d_runs_along_inputs():
+    from transformers.pytorch_utils import Conv1D
+
+    from lightcook.ops.sparsity import NMConfig, compute_masks_, prepare_
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Conv1D(8, 16))  # weight (in=16, out=8)
+    weight = net[0].weight.detach().clone()
+    compute_masks_(prepare_(net, NMConfig()), NMConfig())
+    assert torch.equal(net[0].weight_mask.T, nm_mask(weight.T.abs(), 2, 4))  # brute-force check above
+    assert torch.equal(net[0].weight.detach(), weight * net[0].weight_mask)
+
+
+def test_compute_masks_global_unstructured_and_ramp():
+    from lightcook.ops.sparsity import NMConfig, compute_masks_, prepare_, sparsity_of
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        net[1].weight.mul_(10)  # the larger layer keeps more under one global threshold
+    cfg = NMConfig(mode="unstructured", sparsity=0.5, scope="global")
+    layers = prepare_(net, cfg)
+    compute_masks_(layers, cfg, fraction=0.5)
+    assert sparsity_of(layers) == pytest.approx(0.25, abs=1 / 96)
+    compute_masks_(layers, cfg)
+    assert sparsity_of(layers) == pytest.approx(0.5) and float((~net[0].weight_mask).float().mean()) > 0.5
+
+
+def test_wanda_scores_from_recorded_input_norms_match_a_hand_computation():
+    from lightcook.ops.sparsity import NMConfig, compute_masks_, prepare_, record_input_norms
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    x = torch.randn(5, 8, generator=_gen(4))
+    layers = prepare_(net, NMConfig())
+    weight = net[0].weight.detach().clone()
+    with record_input_norms(layers) as accs:
+        net(x)
+    net(x)  # after the block: hooks removed
+    assert torch.allclose(accs["0"].sq_norm, (x**2).sum(0))
+    compute_masks_(layers, NMConfig(), input_sq_norms={"0": accs["0"].sq_norm})
+    assert torch.equal(net[0].weight_mask, nm_mask(weight.abs() * x.norm(dim=0), 2, 4))
+
+
+def test_sr_ste_prepare_and_convert_fold_to_masked_weight():
+    from torch.nn.utils import parametrize
+
+    from lightcook.ops.sparsity import NMConfig, compute_masks_, convert_, prepare_
+
+    cfg = NMConfig(sr_ste_decay=1e-3)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    layers = prepare_(net, cfg)
+    compute_masks_(layers, cfg)
+    dense = net[0].parametrizations.weight.original.detach().clone()
+    assert bool((dense[~net[0].weight_mask] != 0).all())  # dense weights kept under SR-STE
+    param = net[0].parametrizations.weight.original
+    assert convert_(net) == ["0"] and not parametrize.is_parametrized(net[0])
+    assert net[0].weight is param and torch.equal(net[0].weight.detach(), dense * net[0].weight_mask)
+    assert convert_(net) == []  # nothing left to fold

@@ -1,0 +1,281 @@
+"""``train(cfg)``: one job of the Hydra app — validate, fit, validate — and its ``summary.json``.
+
+``run.py`` is a thin ``@hydra.main`` wrapper; tests call :func:`train` with configs made by
+:func:`lightcook.app.config.compose_config`. Every node under ``cfg.compress`` with a ``_target_``
+becomes a callback; those with a ``summary()`` method report into ``summary.json["compress"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lightcook.app.config import new_run_id
+from lightcook.app.launch import (
+    build_datamodule,
+    build_loggers,
+    build_module,
+    build_trainer,
+    named_callbacks,
+)
+from lightcook.app.order import use_resumable_order
+from lightcook.app.slurm import (
+    SlurmRequeue,
+    check_launch,
+    needs_spawn,
+    slurm_launched,
+    slurm_restarts,
+    spawn_ranks,
+)
+from lightcook.app.timing import StepTimer
+from lightcook.io import atomic_dir, bytes_on_disk, read_checkpoint, write_json_atomic, write_text_atomic
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job: validate, fit, validate; write config, checkpoints, metrics and ``summary.json``.
+
+    With ``trainer.strategy=ddp_spawn`` (or ``ddp`` inside a Hydra multirun) the whole job runs in one
+    spawned process per device. Under srun, SIGUSR1 makes the ranks checkpoint at the next step and
+    requeue the Slurm job; the call then returns ``{"requeued": True, ...}`` without a summary.
+
+    Args:
+        cfg: the composed configuration (``conf/config.yaml``).
+
+    Returns:
+        The summary dict (also written to ``<run_dir>/summary.json`` by rank 0).
+
+    Raises:
+        ValueError: ``trainer.num_nodes`` / ``trainer.devices`` / ``trainer.strategy`` cannot match the
+            processes (the Slurm allocation, spawning), or ``ckpt_path`` is not a readable checkpoint —
+            before anything is built; bad model/data keys.
+        FileNotFoundError: ``ckpt_path`` names a file that does not exist.
+
+    Example:
+        >>> from lightcook.app.config import compose_config
+        >>> cfg = compose_config(["model=tiny_llama", "ckpt_path=/no/such.ckpt"])
+        >>> train(cfg)
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: ckpt_path='/no/such.ckpt': no such file
+    """
+    started = time.time()
+    check_launch(cfg.trainer)
+    run_dir = _run_dir(cfg)
+    resume = _resume_path(cfg, run_dir)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+        cfg.paths.output_dir = str(Path(cfg.paths.output_dir).expanduser().resolve())
+    if needs_spawn(cfg.trainer, _multirun()):
+        return spawn_ranks(cfg, run_dir, train)
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg)
+    datamodule = build_datamodule(cfg, module)
+    callbacks = named_callbacks(cfg)
+    timer = StepTimer()
+    requeue = SlurmRequeue(run_dir / "checkpoints" / "last.ckpt") if slurm_launched() else None
+    loggers = build_loggers(cfg)
+    extra = [timer, *([requeue] if requeue else [])]
+    trainer = build_trainer(cfg, run_dir, [*callbacks.values(), *extra], loggers)
+    use_resumable_order(datamodule, trainer, cfg.seed)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    for logger in loggers:
+        logger.log_hyperparams(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)))
+
+    with requeue.listening() if requeue else contextlib.nullcontext():
+        before = _validate(trainer, module, datamodule) if cfg.validate_before and not resume else {}
+        fit_started = time.time()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        fit_seconds = time.time() - fit_started
+    if requeue and requeue.requeued:
+        requeue.requeue_job(trainer)
+        return {"requeued": True, "run_dir": str(run_dir), "train_steps": trainer.global_step}
+    after = _validate(trainer, module, datamodule)
+
+    summary = _summary(cfg, trainer, module, datamodule, before, after, resume, fit_seconds)
+    summary["compress"] = compress_summaries(cfg, callbacks)
+    summary["train_tokens_per_second"] = timer.tokens_per_second(trainer)
+    summary["train_step_seconds"] = round(timer.seconds, 2)
+    if trainer.is_global_zero:
+        if cfg.save_model:
+            summary["bytes_on_disk"] = save_model(module, run_dir / "model")
+        summary["exports"] = {
+            k: v for cb in callbacks.values() for k, v in getattr(cb, "exports", {}).items()
+        }
+        summary["wall_seconds"] = round(time.time() - started, 2)
+        write_json_atomic(run_dir / "summary.json", summary)
+        _report_to_wandb(loggers, summary, run_dir)
+        _print_summary(summary)
+    return summary
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.paths.get("run_dir"):
+        return Path(cfg.paths.run_dir).expanduser().resolve()
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir).resolve()
+    return (Path(cfg.paths.output_dir).expanduser() / "runs" / new_run_id()).resolve()
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to resume, checked to be readable before anything is built.
+
+    ``auto``: ``<run_dir>/checkpoints/last.ckpt`` when it exists; ``null``: none; else the path given.
+    """
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            return None
+        path = last
+    else:
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such file")
+    try:
+        read_checkpoint(path)
+    except ValueError as err:
+        raise ValueError(f"ckpt_path: {err}") from err
+    return str(path)
+
+
+def _metric(trainer: Trainer, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return None if value is None else float(value)
+
+
+def _validate(trainer: Trainer, module: Any, datamodule: Any) -> dict[str, float | None]:
+    if not trainer.limit_val_batches:
+        return {"val_ppl": None, "val_loss": None}
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return {"val_ppl": _metric(trainer, "val/ppl"), "val_loss": _metric(trainer, "val/loss")}
+
+
+def save_model(module: Any, target: Path) -> int:
+    """Save the trained network (HF ``save_pretrained`` when possible) atomically; return its bytes.
+
+    Args:
+        module: a LightningModule whose network is ``module.model``.
+        target: the folder to write (replaced atomically).
+
+    Example:
+        >>> import tempfile, torch
+        >>> holder = torch.nn.Module()
+        >>> holder.model = torch.nn.Linear(4, 2)
+        >>> save_model(holder, Path(tempfile.mkdtemp()) / "model") > 4 * 2 * 4
+        True
+    """
+    with atomic_dir(target) as tmp:
+        if hasattr(module.model, "save_pretrained"):
+            module.model.save_pretrained(tmp)
+        else:
+            from safetensors.torch import save_model as save_safetensors
+
+            save_safetensors(module.model, str(tmp / "model.safetensors"))
+    return bytes_on_disk(target)
+
+
+def compress_summaries(cfg: DictConfig, callbacks: Mapping[str, Callback]) -> dict[str, Any]:
+    """``summary.json["compress"]``: one entry per ``cfg.compress`` key (``{}`` for a technique with
+    nothing to say), holding ``callback.summary()`` — a dict of primitives such as reached vs wanted
+    sparsity — and the same for any other callback with a ``summary()`` method, under its config key.
+
+    Args:
+        cfg: the configuration (its ``compress`` keys are always listed).
+        callbacks: the run's callbacks by config key (:func:`lightcook.app.launch.named_callbacks`).
+
+    Example:
+        >>> class Pruned(Callback):
+        ...     def summary(self):
+        ...         return {"sparsity": 0.5, "target_sparsity": 0.5}
+        >>> cfg = DictConfig({"compress": {"none": {}, "structured": {}}})
+        >>> compress_summaries(cfg, {"structured": Pruned(), "progress_bar": Callback()})
+        {'none': {}, 'structured': {'sparsity': 0.5, 'target_sparsity': 0.5}}
+    """
+    entries: dict[str, Any] = {str(key): {} for key in cfg.get("compress") or {}}
+    for key, callback in callbacks.items():
+        summary = getattr(callback, "summary", None)
+        if not callable(summary):
+            continue
+        value = summary()
+        if not isinstance(value, Mapping):
+            warnings.warn(
+                f"{key}: {type(callback).__name__}.summary() returned a {type(value).__name__}, "
+                "not a dict; left out of summary.json",
+                stacklevel=2,
+            )
+            continue
+        entries[key] = dict(value)
+    return dict(sorted(entries.items()))
+
+
+def _report_to_wandb(loggers: list[Logger], summary: dict[str, Any], run_dir: Path) -> None:
+    """W&B runs get the scalar summary (``summary/<key>``) and ``summary.json`` as a run file (the
+    resolved config is already the run's config; a saved ``config.yaml`` would clash with W&B's own)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update({f"summary/{k}": v for k, v in summary.items() if _scalar(v)})
+            logger.experiment.save(str(run_dir / "summary.json"), base_path=str(run_dir), policy="now")
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, int | float | str | bool) or value is None
+
+
+def _summary(cfg, trainer, module, datamodule, before, after, resume, fit_seconds) -> dict[str, Any]:
+    params = {id(p): p for p in module.model.parameters()}.values()
+    batch = getattr(datamodule, "batch_size", None)
+    block = getattr(datamodule, "block_size", None)
+    tokens = None
+    if batch and block:
+        tokens = trainer.global_step * batch * block * trainer.accumulate_grad_batches * trainer.world_size
+    return {
+        "model": getattr(module, "model_name", type(module.model).__name__),
+        "parameters": sum(p.numel() for p in params),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+        "bytes_on_disk": None,
+        "val_ppl_before": before.get("val_ppl"),
+        "val_loss_before": before.get("val_loss"),
+        "val_ppl_after": after.get("val_ppl"),
+        "val_loss_after": after.get("val_loss"),
+        "train_steps": trainer.global_step,
+        "train_tokens": tokens,
+        "fit_seconds": round(fit_seconds, 2),
+        "wall_seconds": None,
+        "world_size": trainer.world_size,
+        "resumed_from": resume,
+        "slurm_restarts": slurm_restarts(),
+        "compress": {},
+        "run_dir": cfg.paths.run_dir,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    before, after = summary["val_ppl_before"], summary["val_ppl_after"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    print(
+        f"[lightcook] {summary['model']}: val ppl {fmt(before)} -> {fmt(after)} after "
+        f"{summary['train_steps']} steps ({summary['fit_seconds']} s); summary: {summary['run_dir']}/summary.json"
+    )

@@ -1,0 +1,208 @@
+"""The lightcook export folder: HF ``config.json`` + ``model.safetensors`` + the ``lightcook.json`` manifest.
+
+The manifest says which layers each technique stored in its compact form (one entry per technique,
+see :mod:`lightcook.export.codecs`); every other tensor is stored as it is. Tied weights (an LM head
+sharing the embedding) are stored once, listed under ``tied`` and re-tied on load. Folders are
+written atomically (a temporary folder renamed into place). Unreadable input fails with a
+``ValueError`` that names the folder or file and what is wrong with it.
+
+Example:
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> net = torch.nn.Linear(2, 2)
+    >>> out = write_folder(Path(tempfile.mkdtemp()) / "export", net, dict(net.state_dict()), {})
+    >>> read_manifest(out)["version"], sorted(read_tensors(out))
+    (2, ['bias', 'weight'])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lightcook.io import atomic_dir
+
+MANIFEST = "lightcook.json"
+TENSORS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT = "lightcook"
+#: 2: one entry per technique under ``techniques`` (codecs); 1: the previous release's five layouts.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+__all__ = [
+    "CONFIG",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "TENSORS",
+    "load_plain_tensors",
+    "model_from_config",
+    "nbytes",
+    "read_config",
+    "read_manifest",
+    "read_tensors",
+    "tied_aliases",
+    "write_folder",
+]
+
+
+def nbytes(tensor: Tensor) -> int:
+    """Bytes of ``tensor``'s elements (what safetensors stores for it, header aside)."""
+    return tensor.numel() * tensor.element_size()
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict keys that share storage with an earlier key: ``{alias: original}``.
+
+    Tensors on the ``meta`` device have no storage: they are tied when they are the same object.
+    """
+    seen: dict[Any, str] = {}
+    aliases: dict[str, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.numel():
+            continue
+        ident = ("id", id(tensor)) if tensor.is_meta else ("ptr", tensor.data_ptr())
+        if ident in seen:
+            aliases[key] = seen[ident]
+        else:
+            seen[ident] = key
+    return aliases
+
+
+def write_folder(
+    path: str | Path, model: nn.Module, tensors: Mapping[str, Tensor], manifest: Mapping[str, Any]
+) -> Path:
+    """Write ``tensors`` (aliases of tied weights dropped), ``model.config`` and the manifest, atomically.
+
+    Args:
+        path: the export folder (replaced if present).
+        model: the exported network (its tied weights and its HF ``config``, when it has one).
+        tensors: stored tensors by key.
+        manifest: the manifest content; ``format``, ``version`` and ``tied`` are added.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    aliases = tied_aliases(model)
+    stored = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if k not in aliases}
+    full = {"format": FORMAT, "version": FORMAT_VERSION, **manifest, "tied": aliases}
+    with atomic_dir(path) as tmp:
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(tmp)
+        save_file(stored, str(tmp / TENSORS))
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of an export folder, checked to be a lightcook manifest of a readable version.
+
+    Raises:
+        ValueError: the folder does not exist, has no ``lightcook.json``, or that file is not JSON,
+            not a lightcook manifest, or of an unknown version (the message names the file).
+
+    Example:
+        >>> read_manifest("/nonexistent/export")
+        Traceback (most recent call last):
+        ...
+        ValueError: /nonexistent/export: no such export folder
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such export folder")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ValueError(f"{path}: not a lightcook export (no {MANIFEST})")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{file}: not a lightcook manifest (format {got!r}, expected {FORMAT!r})")
+    if manifest.get("version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{file}: unsupported version {manifest.get('version')!r} (this release reads {READABLE_VERSIONS})"
+        )
+    return manifest
+
+
+def read_tensors(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of an export folder's ``model.safetensors``.
+
+    Raises:
+        ValueError: the file is missing, truncated or corrupt (names the file).
+    """
+    file = Path(path) / TENSORS
+    if not file.is_file():
+        raise ValueError(f"{file}: missing (the export folder is incomplete)")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: unreadable safetensors file, truncated or corrupt ({err})") from None
+
+
+def read_config(path: str | Path) -> Any:
+    """The Hugging Face config of an export folder (``None`` without ``config.json``).
+
+    Raises:
+        ValueError: ``config.json`` is not a readable Hugging Face config (names the file).
+    """
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(Path(path))
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{file}: not a readable Hugging Face config ({err})") from None
+
+
+def model_from_config(config: Any) -> nn.Module:
+    """An (untrained) HF model of the exported architecture, causal or encoder-decoder.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        ...                   num_attention_heads=2, num_key_value_heads=1)
+        >>> type(model_from_config(cfg)).__name__
+        'LlamaForCausalLM'
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return auto.from_config(config)
+
+
+def load_plain_tensors(
+    model: nn.Module, tensors: Mapping[str, Tensor], tied: Mapping[str, str], filled: set[str]
+) -> None:
+    """Load the ordinary tensors into ``model``; tied weights are re-tied by the model itself.
+
+    Args:
+        model: the rebuilt network (codecs already reshaped it).
+        tensors: the stored tensors the codecs left (their own ones taken out).
+        tied: the manifest's ``{alias: original}``.
+        filled: state-dict keys a codec fills in itself (not expected among ``tensors``).
+
+    Raises:
+        ValueError: a tensor of the model is neither stored nor filled, or a stored tensor belongs to
+            no tensor of the model (names the keys).
+    """
+    missing, unexpected = model.load_state_dict(dict(tensors), strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    absent = [k for k in missing if k not in filled and k not in tied]
+    if absent:
+        raise ValueError(f"export is missing tensors {absent[:5]}")
+    if unexpected:
+        raise ValueError(f"export tensors {sorted(unexpected)[:4]} do not belong to the rebuilt model")
