@@ -129,13 +129,7 @@ def named_callbacks(cfg: DictConfig) -> dict[str, Callback]:
     callbacks = instantiate_named(cfg.get("callbacks"), "callbacks")
     compress = instantiate_named(cfg.get("compress"), "compress")
     report = cfg.get("report")
-    if compress and report is not None:
-        if len(compress) > 1 and report.get("export_dir"):
-            # Combined, each technique's own export would hold a partial model; the report's one
-            # export (report.export_dir) holds them all.
-            for callback in compress.values():
-                if getattr(callback, "export_dir", None) is not None:
-                    callback.export_dir = None
+    if compress and report is not None:  # the report writes the one export of every technique
         compress |= instantiate_named(DictConfig({"report": report}), "cfg")
     named = {(f"callbacks.{k}" if k in compress else k): cb for k, cb in callbacks.items()}
     return named | compress

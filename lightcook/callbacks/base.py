@@ -607,11 +607,6 @@ def describe_network(pl_module: nn.Module, network: nn.Module, owner: str = "com
     return f"looked in {where} ({type(network).__name__}); set {owner}.network to point elsewhere"
 
 
-def target_model(pl_module: nn.Module) -> nn.Module:
-    """The network with the default rule of :func:`find_network` (no ``network=`` given)."""
-    return find_network(pl_module)
-
-
 # --------------------------------------------------------------------------- instance hooks on the module
 
 #: Attribute on a LightningModule's instance hooks installed by the compression callbacks.

@@ -64,7 +64,7 @@ import math
 from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -73,7 +73,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightcook.callbacks.base import check_primitive, compression_callbacks, first_loader, target_model
+from lightcook.callbacks.base import (
+    CompressionCallback,
+    check_primitive,
+    compression_callbacks,
+    find_network,
+    first_loader,
+)
 from lightcook.export import (
     estimate_bytes,
     load_compressed,
@@ -278,21 +284,29 @@ class CompressionReport(Callback):
 
     # ------------------------------------------------------------------ hooks
 
+    @staticmethod
+    def _network(trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+        """The network the compression callbacks compress (their ``network=``), else the default one."""
+        callbacks = compression_callbacks(trainer.callbacks)  # type: ignore[attr-defined]
+        return callbacks[0].network(pl_module) if callbacks else find_network(pl_module)
+
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._config_of != id(pl_module):  # the configuration before any slicing, once per model
-            self._dense_config = copy.deepcopy(getattr(target_model(pl_module), "config", None))
+            self._dense_config = copy.deepcopy(getattr(self._network(trainer, pl_module), "config", None))
             self._config_of = id(pl_module)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._load_before = [m.load_counts.clone() for m in moe_modules(target_model(pl_module)).values()]
+        self._load_before = [
+            m.load_counts.clone() for m in moe_modules(self._network(trainer, pl_module)).values()
+        ]
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        model = target_model(pl_module)
+        model = self._network(trainer, pl_module)
         self._note_expert_load(model)
         summary = estimate_summary(model, **self._estimate_options(trainer))
         metrics = _metrics(summary)
@@ -305,11 +319,11 @@ class CompressionReport(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        callbacks = compression_callbacks(trainer.callbacks)
+        callbacks = compression_callbacks(trainer.callbacks)  # type: ignore[attr-defined]
         if not callbacks:
             rank_zero_info("CompressionReport: no compression callback; nothing exported, no report")
             return
-        if any(getattr(cb, "requeued", False) is True for cb in trainer.callbacks):
+        if any(getattr(cb, "requeued", False) is True for cb in trainer.callbacks):  # type: ignore[attr-defined]
             rank_zero_info("CompressionReport: the job is being requeued; the report waits for the real end")
             return
         if trainer.is_global_zero:
@@ -323,10 +337,10 @@ class CompressionReport(Callback):
     # ------------------------------------------------------------------ what the report holds
 
     def build_report(
-        self, trainer: Trainer, pl_module: LightningModule, callbacks: Sequence[Callback]
+        self, trainer: Trainer, pl_module: LightningModule, callbacks: Sequence[CompressionCallback]
     ) -> dict[str, Any]:
         """Export, measure and assemble the ``report.json`` content (rank 0; no file but the export)."""
-        model = target_model(pl_module)
+        model = self._network(trainer, pl_module)
         run_dir = Path(trainer.default_root_dir)
         summary = estimate_summary(model, **self._estimate_options(trainer))
         export, error = self._export(model, run_dir, callbacks)
@@ -355,11 +369,11 @@ class CompressionReport(Callback):
         }
 
     def _estimate_options(self, trainer: Trainer) -> dict[str, Any]:
-        options = _merged_options(compression_callbacks(trainer.callbacks))
+        options = _merged_options(compression_callbacks(trainer.callbacks))  # type: ignore[attr-defined]
         return {"nm": options.get("nm", (2, 4)), "dtype": options.get("dtype")}
 
     def _export(
-        self, model: nn.Module, run_dir: Path, callbacks: Sequence[Callback]
+        self, model: nn.Module, run_dir: Path, callbacks: Sequence[CompressionCallback]
     ) -> tuple[Path | None, str | None]:
         if self.export_dir is None:
             return None, None
@@ -395,7 +409,7 @@ class CompressionReport(Callback):
         out: dict[str, Any] = {"val": _metric(trainer, "val/ppl"), "live": None, "export": None}
         out.update(eval_batches=0, eval_tokens=0, note=None)
         loader = first_loader(trainer.val_dataloaders)
-        model = target_model(pl_module)
+        model = self._network(trainer, pl_module)
         align = getattr(pl_module, "aligned_logits_and_labels", None)
         if not self.eval_batches:
             out["note"] = "eval_batches=0: perplexity of the export not measured"
@@ -414,7 +428,7 @@ class CompressionReport(Callback):
             align=align or causal_shift,
             prepare=getattr(pl_module, "mask_padding", None),
         )
-        live, export = score(model), score(loaded)
+        live, export = score(model), score(cast(nn.Module, loaded))  # None returned above
         out.update(live=_round(live.value), export=_round(export.value))
         out.update(eval_batches=len(batches), eval_tokens=live.tokens)
         return out
@@ -433,7 +447,7 @@ class CompressionReport(Callback):
         batch, tokens = self.speed_batch
         tokens = min(tokens, _context(config) or tokens)
         ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
-        inputs = {"input_ids": ids.to(device), "use_cache": False}
+        inputs: dict[str, Any] = {"input_ids": ids.to(device), "use_cache": False}
         if getattr(config, "is_encoder_decoder", False):
             inputs["decoder_input_ids"] = inputs["input_ids"]
         models = {
@@ -481,7 +495,9 @@ class CompressionReport(Callback):
         moes = list(moe_modules(model).values())
         if not moes:
             return
-        before = self._load_before if len(self._load_before) == len(moes) else [0] * len(moes)
+        before: Sequence[Tensor | int] = (
+            self._load_before if len(self._load_before) == len(moes) else [0] * len(moes)
+        )
         self._expert_load = torch.stack([m.load_counts - b for m, b in zip(moes, before)])
 
     def _expert_load_entry(self, model: nn.Module) -> dict[str, Any] | None:
@@ -521,7 +537,7 @@ def _metric(trainer: Trainer, key: str) -> float | None:
     return None if value is None else _round(float(value))
 
 
-def _merged_options(callbacks: Iterable[Callback]) -> dict[str, Any]:
+def _merged_options(callbacks: Iterable[CompressionCallback]) -> dict[str, Any]:
     """The ``export_options`` of every compression callback in one dict.
 
     Raises:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -200,7 +200,7 @@ def load_plain_tensors(
     """
     missing, unexpected = model.load_state_dict(dict(tensors), strict=False)
     if hasattr(model, "tie_weights"):
-        model.tie_weights()
+        cast(Any, model).tie_weights()  # a transformers PreTrainedModel
     absent = [k for k in missing if k not in filled and k not in tied]
     if absent:
         raise ValueError(f"export is missing tensors {absent[:5]}")

@@ -39,7 +39,7 @@ def _entries_v1(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
     if technique is None and isinstance(manifest.get("structured"), dict):
         return {"structured": manifest["structured"]}
     if technique == "compressed":
-        found = {k: manifest[k] for k in ("moe", "nm", "quantized") if k in manifest}
+        found: dict[str, Any] = {k: manifest[k] for k in ("moe", "nm", "quantized") if k in manifest}
         if "structure" in manifest:
             found["structured"] = manifest["structure"]
         return {k: v for k, v in found.items() if k in manifest.get("techniques", [])}

@@ -42,21 +42,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightcook.export.codecs import CODECS, MANIFEST_ORDER
 from lightcook.export.codecs.base import (
     Decoding,
     Encoding,
     LayerBytes,
-    cast,
     in_block,
     is_mask,
     itemsize,
     kept_weights,
+    stored_as,
     under,
 )
 from lightcook.export.codecs.moe import router_names
@@ -138,7 +138,7 @@ def _plain(enc: Encoding) -> None:
         if enc.estimating:
             enc.count(key, tensor.numel() * itemsize(tensor, enc.dtype))
         else:
-            enc.store(key, cast(tensor.detach(), enc.dtype))
+            enc.store(key, stored_as(tensor.detach(), enc.dtype))
 
 
 def _plain_layers(enc: Encoding) -> None:
@@ -146,7 +146,7 @@ def _plain_layers(enc: Encoding) -> None:
     for name, module in _block_linears(enc.net).items():
         if name not in enc.layers:
             size = enc.sizes.get(f"{name}.weight", 0)
-            enc.layers[name] = LayerBytes(module.weight.numel(), size, kept_weights(module))
+            enc.layers[name] = LayerBytes(cast(Tensor, module.weight).numel(), size, kept_weights(module))
 
 
 def _totals(enc: Encoding) -> dict[str, int]:
@@ -239,7 +239,7 @@ def estimate_bytes(
         (32, 32)
     """
     enc, entries = _run(model, nm, architecture, dtype, False, estimating=True)
-    live = {name: module.weight.numel() for name, module in _block_linears(model).items()}
+    live = {name: cast(Tensor, module.weight).numel() for name, module in _block_linears(model).items()}
     return {
         **_totals(enc),
         "techniques": [t for t in MANIFEST_ORDER if t in entries],
@@ -323,5 +323,5 @@ def load_compressed(
     dec.model.to(dec.device).eval()
     for codec in present:
         codec.finish(dec, manifest[codec.name])
-    dec.model.compressed_techniques = list(manifest["techniques"])
+    dec.model.compressed_techniques = list(manifest["techniques"])  # type: ignore[assignment]
     return dec.model

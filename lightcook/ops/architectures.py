@@ -40,6 +40,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from lightcook.ops.names import is_conv1d
+
 ATTENTION, FFN = "attention", "ffn"
 
 # --------------------------------------------------------------------------- layout dataclasses
@@ -559,11 +561,6 @@ def linear_dims(module: nn.Module) -> tuple[int, int, bool]:
         (weight.shape[0], weight.shape[1]) if is_conv1d(module) else (weight.shape[1], weight.shape[0])
     )
     return int(n_in), int(n_out), getattr(module, "bias", None) is not None
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's GPT-2 ``Conv1D`` (weight stored ``(in, out)``)."""
-    return type(module).__name__ == "Conv1D"
 
 
 def _has(root: nn.Module, name: str) -> bool:

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from lightcook.ops.architectures import FFN, Block, FFNLayout, check_architecture_arg, find_blocks
 from lightcook.ops.config import TechniqueConfig, check_choice, check_int, check_number
+from lightcook.ops.names import is_conv1d
 from lightcook.ops.quant import effective_weight, fake_quant, fake_quant_input, input_quantization
 
 PARTITIONS = ("kmeans", "coactivation", "random")
@@ -509,21 +510,17 @@ def _fit_router(
 # --------------------------------------------------------------------------- the MoE FFN
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
-
-
 def _rows(module: nn.Module) -> Tensor:
     """Weight as ``(out, in)`` (a view; GPT-2 ``Conv1D`` stores ``(in, out)``)."""
     weight = cast(Tensor, module.weight)
-    return weight.t() if _is_conv1d(module) else weight
+    return weight.t() if is_conv1d(module) else weight
 
 
 def _neuron_dim(module: nn.Module, produces: bool) -> int:
     """Weight dimension indexed by the intermediate neurons."""
     if produces:  # gate/up/fc: neurons are outputs
-        return 1 if _is_conv1d(module) else 0
-    return 0 if _is_conv1d(module) else 1
+        return 1 if is_conv1d(module) else 0
+    return 0 if is_conv1d(module) else 1
 
 
 class MoEFFN(nn.Module):

@@ -6,6 +6,8 @@ Example:
     >>> import torch
     >>> linear_like(torch.nn.Linear(2, 2)), is_conv1d(torch.nn.Linear(2, 2)), MASK_SUFFIX
     (True, False, '.weight_mask')
+    >>> linear_names(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1)))
+    ['0', '2']
 """
 
 from __future__ import annotations
@@ -27,3 +29,8 @@ def is_conv1d(module: nn.Module) -> bool:
 def linear_like(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and for ``Conv1D``."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_names(network: nn.Module) -> list[str]:
+    """Qualified names of every Linear / ``Conv1D`` inside ``network`` (the network itself excluded)."""
+    return [name for name, module in network.named_modules() if name and linear_like(module)]

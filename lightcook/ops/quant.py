@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightcook.ops.config import TechniqueConfig, check_choice, check_int
-from lightcook.ops.names import is_conv1d, linear_like
+from lightcook.ops.names import is_conv1d, linear_like, linear_names
 
 __all__ = [
     "ACT_MODES",
@@ -1142,7 +1142,7 @@ def effective_weight(module: nn.Module) -> Tensor:
     if isinstance(module, DequantLinear):
         return module.dequantized_weight().to(_float_dtype(module))
     weight = cast(Tensor, module.weight).detach()
-    return weight.t() if type(module).__name__ == "Conv1D" else weight
+    return weight.t() if is_conv1d(module) else weight
 
 
 def _float_dtype(module: nn.Module) -> torch.dtype:
@@ -1284,7 +1284,7 @@ def prepare_(
     """
     config = config or QuantConfig()
     if names is None:
-        names = [n for n, m in network.named_modules() if n and linear_like(m)]
+        names = linear_names(network)
     selected = {name: network.get_submodule(name) for name in names}
     for name, module in selected.items():
         _check_quantizable(name, module, config)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,8 @@ from lightcook.ops.architectures import (
     Architecture,
     AttentionLayout,
     Block,
+    Cut,
+    FFNLayout,
     ZeroFFN,
     get_architecture,
     is_conv1d,
@@ -171,28 +173,28 @@ def _fold(block: Block, kept: list[int], unit_values: list[float] | None, block_
             module.bias.mul_(row_scale.to(module.bias.dtype))
         scale = (scale > 0).to(torch.float64)  # the output projection keeps only the block value
     channel_scale = (scale * block_value).repeat_interleave(block.unit_width)  # (units * unit_width,)
-    weight = out.weight  # Linear (out, in) / Conv1D (in, out)
+    weight = cast(Tensor, out.weight)  # Linear (out, in) / Conv1D (in, out)
     shape = (-1, 1) if is_conv1d(out) else (1, -1)
     weight.mul_(channel_scale.to(weight.dtype).reshape(shape))
     if getattr(out, "bias", None) is not None:
-        out.bias.mul_(block_value)
+        cast(Tensor, out.bias).mul_(block_value)
 
 
-def _linear_producer(block: Block) -> tuple[nn.Module, Tensor] | None:
+def _linear_producer(block: Block) -> tuple[nn.Linear, Tensor] | None:
     """``(module, per-unit rows)`` of the ``nn.Linear`` whose output channels a unit's gate may scale
     instead of the output projection's inputs: ``v`` of unfused attention, ``up`` of a gated FFN."""
     layout = block.layout
     if block.kind == ATTENTION and not getattr(layout, "fused_qkv", False):
-        name = f"{block.name}.{layout.v}"
+        name = f"{block.name}.{cast(AttentionLayout, layout).v}"
     elif block.kind == FFN and getattr(layout, "gated", False):
-        name = f"{block.name}.{layout.inputs[1]}"
+        name = f"{block.name}.{cast(FFNLayout, layout).inputs[1]}"
     else:
         return None
     cut = next((c for c in block.cuts if c.module == name and c.side == "out"), None)
     module = block.model.get_submodule(name) if cut is not None else None
     if not isinstance(module, nn.Linear) or parametrize.is_parametrized(module, "weight"):
         return None
-    return module, cut.channels
+    return module, cast(Cut, cut).channels  # a module was found, so was its cut
 
 
 def cut_block(block: Block, kept: list[int], arch: Architecture) -> None:
@@ -205,7 +207,7 @@ def cut_block(block: Block, kept: list[int], arch: Architecture) -> None:
         heads = [u * block.heads_per_unit + r for u in kept for r in range(block.heads_per_unit)]
         arch.resize_attention(block.module, heads)
     if block.kind == FFN and hasattr(block.module, "intermediate_size"):
-        block.module.intermediate_size = len(kept)
+        block.module.intermediate_size = len(kept)  # type: ignore[assignment]  # torch types only Tensor/Module
 
 
 def _cut_linear(module: nn.Module, side: str, channels: Tensor) -> None:
@@ -215,7 +217,7 @@ def _cut_linear(module: nn.Module, side: str, channels: Tensor) -> None:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     conv = is_conv1d(module)
     weight_dim = {("out", False): 0, ("in", False): 1, ("out", True): 1, ("in", True): 0}[(side, conv)]
-    weight = module.weight
+    weight = cast(Tensor, module.weight)
     for name, buffer in list(module.named_buffers(recurse=False)):
         if buffer.shape == weight.shape:
             setattr(module, name, buffer.index_select(weight_dim, channels.to(buffer.device)).clone())
@@ -223,12 +225,12 @@ def _cut_linear(module: nn.Module, side: str, channels: Tensor) -> None:
         weight.index_select(weight_dim, channels.to(weight.device)).clone(), weight.requires_grad
     )
     if side == "out" and getattr(module, "bias", None) is not None:
-        bias = module.bias
+        bias = cast(Tensor, module.bias)
         module.bias = nn.Parameter(bias.index_select(0, channels.to(bias.device)).clone(), bias.requires_grad)
     if conv:
-        module.nx, module.nf = module.weight.shape
+        module.nx, module.nf = module.weight.shape  # type: ignore[assignment]  # Conv1D's int attributes
     else:
-        module.out_features, module.in_features = module.weight.shape
+        module.out_features, module.in_features = module.weight.shape  # type: ignore[assignment]
 
 
 def remove_block(block: Block, arch: Architecture) -> None:
@@ -269,7 +271,7 @@ def _delete_empty_layers(model: nn.Module, arch: Architecture) -> None:
             continue
         if any(getattr(config, flag, False) for flag in stack.no_delete_if):
             continue
-        layers = model.get_submodule(stack.layers)
+        layers = cast(nn.ModuleList, model.get_submodule(stack.layers))
         keep = [layer for layer in layers if not _layer_removed(stack, layer)]
         if len(keep) == len(layers):
             continue
@@ -317,7 +319,7 @@ def describe_structure(
     live = {b.name: b for b in resolve_blocks(model, arch)}
     out: dict[str, dict] = {}
     for stack, _i, layer_path, layer in iter_layers(model, arch):
-        layouts = [*stack.attention, *stack.ffn]
+        layouts: list[AttentionLayout | FFNLayout] = [*stack.attention, *stack.ffn]
         for layout in layouts:
             name = f"{layer_path}.{layout.path}"
             if name in out or not _has_child(layer, layout.path):
@@ -359,7 +361,7 @@ def apply_structure(
             valid = (
                 heads is not None and len(heads) == entry["units"] and max(heads, default=-1) < block.units
             )
-            cut_block(block, sorted(heads) if valid else list(range(entry["units"])), arch)
+            cut_block(block, sorted(cast(list[int], heads)) if valid else list(range(entry["units"])), arch)
     return model
 
 
@@ -368,7 +370,7 @@ def gate_summary(gate_set: GateSet) -> dict[str, Any]:
     """Expected/deterministic sizes and kept units per kind, for logs and manifests."""
     expected = float(gate_set.expected_size())
     kept = {kind: int((value > 0).sum()) for kind, value in gate_set.deterministic().items()}
-    sizes = {kind: gate.log_alpha.numel() for kind, gate in gate_set.gates.items()}
+    sizes = {kind: cast(Tensor, gate.log_alpha).numel() for kind, gate in gate_set.gates.items()}
     return {
         "layer_parameters_dense": gate_set.layer_params,
         "layer_parameters_expected": round(expected),

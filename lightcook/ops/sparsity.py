@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightcook.ops.config import TechniqueConfig, check_choice, check_int, check_number
-from lightcook.ops.names import MASK, is_conv1d, linear_like
+from lightcook.ops.names import MASK, is_conv1d, linear_like, linear_names
 
 __all__ = [
     "MAX_TRANSPOSABLE_M",
@@ -676,7 +676,7 @@ def prepare_(
     """
     config = config or NMConfig()
     if names is None:
-        names = [n for n, m in network.named_modules() if n and linear_like(m)]
+        names = linear_names(network)
     layers = {name: network.get_submodule(name) for name in names}
     for name, module in layers.items():
         _check_prunable(name, module, config)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
 from lightcook.callbacks.base import (
@@ -12,7 +12,7 @@ from lightcook.callbacks.base import (
     select_modules,
 )
 from lightcook.modules import CausalLMModule
-from tests.helpers import TINY_LLAMA
+from tests.helpers import TINY_LLAMA, make_trainer, token_loader
 
 
 @pytest.fixture
@@ -196,3 +196,120 @@ def test_compression_setup_registers_the_gloo_teardown(tmp_path, monkeypatch):
 
     make_trainer(tmp_path, [Noop()], max_steps=1).fit(CausalLMModule(config=TINY_LLAMA), token_loader(1))
     assert calls == [1]
+
+
+# --------------------------------------------------------------------------- network, loss hook, guards
+
+
+class _Extra(CompressionCallback):
+    """Adds ``weight * mean(logits ** 2)`` of the captured outputs, and halves the module's loss."""
+
+    technique = "extra"
+
+    def __init__(self, weight: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.weight, self.seen = weight, []
+
+    def loss_terms(self, trainer, pl_module, batch, outputs):
+        self.seen.append(outputs)
+        return {"square": self.weight * outputs.logits.float().pow(2).mean()}
+
+    def task_scale(self) -> float:
+        return 0.5
+
+
+class _OwnStep(LightningModule):
+    """A user's module: network in ``self.backbone``, its own loss term and logging, a dict output."""
+
+    def __init__(self, manual: bool = False):
+        super().__init__()
+        self.backbone = CausalLMModule(config=TINY_LLAMA).model
+        self.automatic_optimization = not manual
+        self.returned = []
+
+    def training_step(self, batch, batch_idx):
+        out = self.backbone(**batch)
+        loss = out.loss + 0.0 * out.logits.sum()
+        self.log("train/own", loss.detach(), batch_size=2)
+        self.returned.append(loss.detach())
+        return {"loss": loss, "own": loss.detach()}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_find_network_default_path_callable_and_errors(llama):
+    from lightcook.callbacks.base import find_network
+
+    user = _OwnStep()
+    assert find_network(user) is user.backbone  # the one PreTrainedModel, no .model needed
+    assert find_network(user, "backbone.model") is user.backbone.model
+    assert find_network(user, lambda m: m.backbone.lm_head) is user.backbone.lm_head
+    assert find_network(CausalLMModule(config=TINY_LLAMA)).__class__.__name__ == "LlamaForCausalLM"
+    assert find_network(llama) is llama  # a network given directly is its own network
+    with pytest.raises(
+        ValueError, match=r"compress.x.network: _OwnStep has no submodule 'nope' \(its children: backbone\)"
+    ):
+        find_network(user, "nope", owner="compress.x")
+    user.second = CausalLMModule(config=TINY_LLAMA).model
+    with pytest.raises(
+        ValueError, match=r"several pretrained models \(backbone, second\).*network='<attribute>'"
+    ):
+        find_network(user, owner="compress.x")
+
+
+def test_loss_hook_keeps_the_users_step_adds_terms_logs_them_and_is_removed(tmp_path):
+    module, extra = _OwnStep(), _Extra()
+    trainer = make_trainer(tmp_path, [extra], max_steps=1)
+    trainer.fit(module, token_loader(batches=1))
+    outputs = extra.seen[0]
+    assert "train/own" in trainer.callback_metrics  # the user's own logging survived
+    logged = trainer.callback_metrics["compress/extra/square"]
+    assert torch.allclose(logged, 0.5 * outputs.logits.float().pow(2).mean().detach())
+    assert "training_step" not in module.__dict__  # teardown put the class's method back
+
+
+def test_loss_hook_returns_the_combined_loss(tmp_path):
+    module, extra = _OwnStep(), _Extra(weight=2.0)
+    trainer = make_trainer(tmp_path, [extra], max_steps=1)
+    trainer.strategy.connect(module)
+    extra.setup(trainer, module, "fit")  # installs the wrapper (no fit: call it by hand)
+    batch = next(iter(token_loader(batches=1)))
+    combined = module.training_step(batch, 0)
+    own = module.returned[-1]
+    square = extra.seen[-1].logits.float().pow(2).mean()
+    assert torch.allclose(combined["loss"], 0.5 * own + 2.0 * square) and combined["own"] is not None
+    extra.teardown(trainer, module, "fit")
+    assert "training_step" not in module.__dict__
+
+
+def test_terms_with_manual_optimization_fail_in_setup(tmp_path):
+    with pytest.raises(TypeError, match=r"compress.extra: add loss terms .*manual optimization"):
+        make_trainer(tmp_path, [_Extra()], max_steps=1).fit(_OwnStep(manual=True), token_loader(batches=1))
+
+
+def test_conflict_table_names_both_keys():
+    from lightcook.callbacks.base import check_combination
+    from lightcook.callbacks.moefication import MoEficationCallback
+    from lightcook.callbacks.structured_pruning import StructuredPruningCallback
+
+    moe, structured = (
+        MoEficationCallback(num_experts=4, top_k=1),
+        StructuredPruningCallback(units=["neurons"]),
+    )
+    with pytest.raises(
+        ValueError, match=r"^compress.moe cannot be combined with compress.structured: .*neurons"
+    ):
+        check_combination([moe, structured], CausalLMModule(config=TINY_LLAMA).model)
+
+
+def test_calibration_batches_leave_the_global_rng_alone(tmp_path):
+    from lightcook.callbacks.base import calibration_batches
+
+    with pytest.raises(RuntimeError, match=r"compress.x: needs training batches"):
+        next(calibration_batches(None, 2, "compress.x"))
+    trainer = make_trainer(tmp_path, [], max_steps=1)
+    trainer.fit(_OwnStep(), token_loader(batches=3))
+    state = torch.random.get_rng_state()
+    batches = list(calibration_batches(trainer, 2, "compress.x"))
+    assert len(batches) == 2 and torch.equal(torch.random.get_rng_state(), state)

@@ -602,7 +602,7 @@ def test_smollm2_teacher_is_the_pretrained_model_even_when_pruned(tmp_path):
     record = StepOutputs()
     make_trainer(tmp_path, [prune, kd, record], max_steps=2).fit(module, data)
     assert torch.equal(kd.teacher_model.model.layers[3].mlp.up_proj.weight, reference)
-    assert record.metrics[0]["train/kd_logits"] > 0.05  # 2:4 pruning moved the student away
+    assert record.metrics[0]["compress/kd/logits"] > 0.05  # 2:4 pruning moved the student away
 
 
 # --------------------------------------------------------------------------- DDP

@@ -16,7 +16,7 @@ from lightcook.ops.hard_concrete import attach_gates
 from lightcook.ops.moe import MoEFFN
 from lightcook.ops.quant import QuantLinear, QuantSpec
 from lightcook.ops.sparsity import nm_mask
-from tests.ops.test_architectures import model_inputs, tiny_model
+from tests.helpers.structured_moe import model_inputs, tiny_model
 
 TECHNIQUES = ("moe", "structured", "nm", "quantized")
 

@@ -15,31 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightcook.export import load_compressed, save_compressed
 from lightcook.modules import CausalLMModule
+from tests.helpers import TINY, VOCAB  # noqa: F401  (the layouts' tiny configs)
 
-VOCAB = 256
-TINY = {
-    "llama": {
-        "model_type": "llama",
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": True,
-    },
-    "gpt2": {
-        "model_type": "gpt2",
-        "vocab_size": VOCAB,
-        "n_embd": 32,
-        "n_layer": 2,
-        "n_head": 4,
-        "n_positions": 64,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
-    },
-}
 LLAMA_TARGETS = 2 * 7  # q, k, v, o, gate, up, down per layer
 
 

@@ -10,42 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
-VOCAB = 256
-TINY = {
-    "llama": {
-        "model_type": "llama",
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": True,
-    },
-    "gpt2": {
-        "model_type": "gpt2",
-        "vocab_size": VOCAB,
-        "n_embd": 32,
-        "n_layer": 2,
-        "n_head": 4,
-        "n_positions": 64,
-    },
-    "t5": {
-        "model_type": "t5",
-        "vocab_size": VOCAB,
-        "d_model": 32,
-        "d_kv": 8,
-        "d_ff": 64,
-        "num_layers": 2,
-        "num_decoder_layers": 2,
-        "num_heads": 4,
-        "feed_forward_proj": "gated-gelu",
-        "decoder_start_token_id": 0,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-    },
-}
+from tests.helpers import TINY, VOCAB  # noqa: F401  (the layouts' tiny configs)
 
 
 def tiny_model(kind: str, seed: int = 0, **overrides) -> nn.Module:

@@ -19,13 +19,11 @@ from lightcook.ops.architectures import (
     resolve_blocks,
 )
 from lightcook.ops.hard_concrete import block_counts
-from tests.helpers.structured_moe import (  # noqa: F401  (re-exported: other test modules import them from here)
+from tests.helpers.structured_moe import (
     MYSTERY_LAYOUT,
     TINY,
-    VOCAB,
     Mystery,
     distinct_params,
-    model_inputs,
     tiny_model,
 )
 

@@ -14,7 +14,7 @@ from torch import nn
 from lightcook.ops.architectures import ZeroAttention, get_architecture, layer_parameter_count, resolve_blocks
 from lightcook.ops.hard_concrete import GateSet, attach_gates
 from lightcook.ops.slicing import BlockPlan, apply_structure, describe_structure, plan_from_gates, slice_model
-from tests.ops.test_architectures import distinct_params, model_inputs, tiny_model
+from tests.helpers.structured_moe import distinct_params, model_inputs, tiny_model
 
 ALL_UNITS = ["heads", "neurons", "attention_layers", "ffn_layers"]
 OPEN, SHUT = 10.0, -10.0  # log_alpha far on either side: P(z != 0) is 1 or ~3e-4

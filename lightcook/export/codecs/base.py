@@ -33,7 +33,7 @@ __all__ = [
     "Decoding",
     "Encoding",
     "LayerBytes",
-    "cast",
+    "stored_as",
     "in_block",
     "is_mask",
     "itemsize",
@@ -188,7 +188,7 @@ def itemsize(tensor: Tensor, dtype: torch.dtype | None) -> int:
     return tensor.element_size()
 
 
-def cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+def stored_as(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     """``tensor`` as it is stored: floating tensors cast to ``dtype`` (``None``: kept)."""
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 

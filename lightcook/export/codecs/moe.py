@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightcook.export.codecs.base import Codec, Decoding, Encoding, cast, itemsize
+from lightcook.export.codecs.base import Codec, Decoding, Encoding, itemsize, stored_as
 from lightcook.ops.moe import MoEFFN, moe_modules
 
 __all__ = ["MoECodec", "router_names"]
@@ -74,7 +74,7 @@ class MoECodec(Codec):
         for name, moe in moes.items():
             for key, tensor in _own_tensors(name, moe).items():
                 if store:
-                    enc.store(key, cast(tensor, enc.dtype))
+                    enc.store(key, stored_as(tensor, enc.dtype))
                 else:
                     enc.count(key, tensor.numel() * itemsize(tensor, enc.dtype))
                 enc.claimed.add(key)

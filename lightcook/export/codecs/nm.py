@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -33,10 +33,10 @@ from lightcook.export.codecs.base import (
     Decoding,
     Encoding,
     LayerBytes,
-    cast,
     itemsize,
     kept_weights,
     nm_packed,
+    stored_as,
 )
 from lightcook.ops.architectures import linear_dims
 from lightcook.ops.names import MASK, is_conv1d, linear_like
@@ -63,7 +63,7 @@ def _entry(name: str, module: nn.Module) -> dict[str, Any]:
     return {
         "format": "nm",
         "key": f"{name}.weight",
-        "shape": list(module.weight.shape),
+        "shape": list(cast(Tensor, module.weight).shape),
         "transposed": is_conv1d(module),
     }
 
@@ -110,19 +110,21 @@ class NMCodec(Codec):
         layers = self._layers(enc)
         if not layers:
             return None
-        n, m = enc.nm
+        n, m = cast("tuple[int, int]", enc.nm)  # layers are packed only with a pattern
         entries = {}
         for name, module in layers.items():
             if isinstance(module, QuantLinear):
                 continue  # stored by the quantized codec: kept codes + positions
             n_in, n_out, _ = linear_dims(module)
             if pack:
-                weight = cast(_out_in(module.weight.detach(), module), enc.dtype)  # (out, in)
+                weight = stored_as(
+                    _out_in(cast(Tensor, module.weight).detach(), module), enc.dtype
+                )  # (out, in)
                 values, indices = pack_nm(weight, _out_in(getattr(module, MASK), module), n, m)
                 enc.store(f"{name}.weight.values", values)
                 enc.store(f"{name}.weight.indices", indices)
             else:
-                size = itemsize(module.weight, enc.dtype)
+                size = itemsize(cast(Tensor, module.weight), enc.dtype)
                 enc.count(f"{name}.weight.values", nm_storage_bytes(n_out, n_in, n, m, size))
             enc.claimed |= {f"{name}.{key}" for key in _WEIGHT_KEYS}
             weight_bytes = enc.size(
@@ -153,5 +155,5 @@ class NMCodec(Codec):
             dec.semi_structured, dec, entry["n"], entry["m"]
         )
         dec.model.semi_structured_layers = (
-            _to_semi_structured_(dec.model, list(entry["layers"])) if use else []
+            _to_semi_structured_(dec.model, list(entry["layers"])) if use else []  # type: ignore[assignment]
         )

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -152,9 +152,9 @@ def _build_int8(entry: Mapping[str, Any], t: dict[str, Tensor], dtype: torch.dty
     m.weight_codes.copy_(unpack_codes(t["weight_packed"], entry["bits"], in_f, signed=True))
     m.weight_scale.copy_(t["weight_scale"].float().expand(out_f, 1))
     if entry["bias"]:
-        m.bias.copy_(t["bias"])
+        cast(Tensor, m.bias).copy_(t["bias"])
     if entry["act_mode"] == "static":
-        m.act_scale.copy_(_static_scale(t["input_amax"], entry["act_bits"]))
+        cast(Tensor, m.act_scale).copy_(_static_scale(t["input_amax"], entry["act_bits"]))
     return m
 
 
@@ -175,7 +175,7 @@ def _build_dequant(entry: Mapping[str, Any], t: dict[str, Tensor], dtype: torch.
         torch.zeros_like(m.weight_scale) if zero_point is None else zero_point.to(m.weight_scale.dtype)
     )
     if entry["bias"]:
-        m.bias.copy_(t["bias"])
+        cast(Tensor, m.bias).copy_(t["bias"])
     if entry["act_mode"] == "static":
         m.input_quantizer.amax.copy_(t["input_amax"])
     return m
@@ -240,4 +240,4 @@ class QuantizedCodec(Codec):
                 _dense_codes(layer, layers[name])
             build = _build_int8 if layer["format"] == INT8 else _build_dequant
             dec.model.set_submodule(name, build(layer, layers[name], dec.dtype).to(dec.device).eval())
-        dec.model.quantized_formats = {name: layer["format"] for name, layer in entry.items()}
+        dec.model.quantized_formats = {name: layer["format"] for name, layer in entry.items()}  # type: ignore[assignment]

@@ -12,7 +12,7 @@ from lightcook.export.format import nbytes, read_tensors
 from lightcook.ops.architectures import get_architecture, layer_parameter_count, resolve_blocks
 from lightcook.ops.hard_concrete import GateSet, attach_gates
 from lightcook.ops.slicing import BlockPlan, slice_model
-from tests.ops.test_architectures import distinct_params, model_inputs, tiny_model
+from tests.helpers.structured_moe import distinct_params, model_inputs, tiny_model
 
 UNITS = ["heads", "neurons", "attention_layers", "ffn_layers"]
 
