@@ -8,12 +8,13 @@ from lightcook.callbacks.base import CompressionCallback, StepSchedule, select_m
 from lightcook.callbacks.distillation import DistillationCallback
 from lightcook.callbacks.moefication import MoEficationCallback
 from lightcook.callbacks.quantization import QuantizationCallback
-from lightcook.callbacks.report import CompressionReport as CompressionReport
+from lightcook.callbacks.report import CompressionReport
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.callbacks.structured_pruning import StructuredPruningCallback
 
 __all__ = [
     "CompressionCallback",
+    "CompressionReport",
     "DistillationCallback",
     "MoEficationCallback",
     "QuantizationCallback",

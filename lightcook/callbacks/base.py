@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import fnmatch
 import itertools
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
@@ -188,7 +190,6 @@ class CompressionCallback(Callback):
             )
         self.network_spec = network
         self.state: dict[str, Any] = {}
-        self.exports: dict[str, str] = {}
         self._prepared_model: int | None = None
         self._hook_handles: list[Any] = []
 
@@ -727,10 +728,13 @@ def install_loss_hook(
 ) -> None:
     """Wrap the module's own ``training_step`` once: run it (its logging and own loss terms intact),
     capture the network's output with a forward hook, then return ``loss * Π task_scale + Σ
-    loss_terms``, each term logged as ``compress/<name>/<term>``. Removed in ``teardown``.
+    loss_terms``. Each term is logged as ``compress/<name>/<term>`` and the returned total as
+    ``compress/loss`` (the module's own ``train/loss`` stays what the module logged). Removed in
+    ``teardown``.
 
-    The module's loss is whatever its ``training_step`` returns (a tensor or a dict with ``"loss"``);
-    a step returning ``None`` (skipped) is left alone.
+    The module's loss is whatever its ``training_step`` returns (a tensor or a dict with ``"loss"``).
+    A step without a loss (``None``: no labels, or skipped) is left alone, unless a callback weighs
+    the task loss by 0 (distillation only): then the terms alone are the loss.
     """
     active = [c for c in callbacks if c.adds_loss or c.network_kwargs()]
     if not active:
@@ -753,30 +757,28 @@ def install_loss_hook(
                 captured = stack.enter_context(capture_network_output(network, extra))
                 output = inner(batch, *args, **kwargs)
             loss = _loss_of(output)
-            if loss is None:
+            scale = math.prod(callback.task_scale() for callback in active)
+            if loss is None and scale != 0.0:
                 return output
-            total = loss
-            for callback in active:
-                if callback.task_scale() != 1.0:
-                    total = total * callback.task_scale()
+            total = loss * scale if loss is not None and scale != 1.0 else loss
+            size = batch_size_of(batch)
             for callback in active:
                 for term, value in callback.loss_terms(trainer, pl_module, batch, captured.output).items():
-                    total = total + value
-                    pl_module.log(
-                        f"{callback.config_key.replace('.', '/')}/{term}",
-                        value.detach(),
-                        on_step=True,
-                        on_epoch=False,
-                        batch_size=_batch_size(batch),
-                    )
-            return total if isinstance(output, Tensor) else {**output, "loss": total}
+                    total = value if total is None else total + value
+                    key = f"{callback.config_key.replace('.', '/')}/{term}"
+                    pl_module.log(key, value.detach(), on_step=True, on_epoch=False, batch_size=size)
+            if total is None:
+                return output
+            pl_module.log("compress/loss", total.detach(), on_step=True, on_epoch=False, batch_size=size)
+            return total if output is None or isinstance(output, Tensor) else {**output, "loss": total}
 
         return training_step
 
     _install(pl_module, "training_step", make)
 
 
-def _batch_size(batch: Any) -> int | None:
+def batch_size_of(batch: Any) -> int | None:
+    """Rows of a dict batch (its first tensor's first dim), for ``self.log(batch_size=...)``."""
     if isinstance(batch, Mapping):
         first = next((v for v in batch.values() if isinstance(v, Tensor) and v.dim()), None)
         return int(first.shape[0]) if first is not None else None
@@ -786,26 +788,47 @@ def _batch_size(batch: Any) -> int | None:
 # --------------------------------------------------------------------------- calibration
 
 
+def training_loader(trainer: Trainer) -> Any:
+    """The training DataLoader: the fit loop's, else (outside ``fit``) the datamodule's, else None."""
+    loader = first_loader(trainer.train_dataloader)
+    datamodule = getattr(trainer, "datamodule", None)
+    if loader is None and datamodule is not None and is_overridden("train_dataloader", datamodule):
+        loader = first_loader(datamodule.train_dataloader())
+    return loader
+
+
 def calibration_batches(
-    trainer: Trainer | None, count: int, owner: str, *, seed: int = 0, ordered: bool = False
+    trainer: Trainer | None,
+    count: int,
+    owner: str,
+    *,
+    seed: int = 0,
+    ordered: bool = False,
+    per_rank: bool = False,
+    loader: Any = None,
 ) -> Iterator[Any]:
     """Up to ``count`` training batches for a calibration pass, on the training device.
 
     The live training iterator is untouched (a fresh single-process view of the loader) and the
     global RNG too (``fork_rng``; the sampler is seeded with ``seed``, so a rerun or a resumed run
     sees the same batches). ``ordered``: map-style datasets in dataset order, no shuffling.
+    ``per_rank``: under DDP rank ``r`` of ``w`` takes batches ``r, r + w, ...`` (each rank its own;
+    reduce the statistics afterwards), else every rank sees the same batches. ``loader``: the
+    loader to read (default: :func:`training_loader`).
 
     Raises:
         RuntimeError: no trainer or no training dataloader, or it yields no batch (names ``owner``).
     """
-    loader = first_loader(trainer.train_dataloader) if trainer is not None else None
+    if loader is None and trainer is not None:
+        loader = training_loader(trainer)
     if trainer is None or loader is None:
         raise RuntimeError(f"{owner}: needs training batches for calibration; the trainer has none")
     source = _in_dataset_order(loader) if ordered else calibration_source(loader)
+    rank, world = (trainer.global_rank, trainer.world_size) if per_rank else (0, 1)
     seen = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for batch in itertools.islice(source, count):
+        for batch in itertools.islice(source, rank, count * world, world):
             seen += 1
             yield trainer.strategy.batch_to_device(batch)
     if not seen:

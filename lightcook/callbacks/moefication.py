@@ -25,8 +25,9 @@ and ``architecture`` are stored in the checkpoint and a resumed run with other v
 * training continues with routing (dense compute with unselected experts masked, so it matches
   inference); with ``router_finetune`` the MLP routers keep learning to predict the expert
   activation mass: :meth:`~MoEficationCallback.loss_terms` adds the routers' loss (weighted by
-  ``router_loss_weight``) to the module's own loss as the term ``router``, so **the logged training
-  loss includes it** (``compress/moe/router`` shows it alone). Manual optimization is then refused
+  ``router_loss_weight``) to the module's own loss as the term ``router``: the optimized loss
+  (logged as ``compress/loss``) includes it, ``compress/moe/router`` shows it alone, and the module's
+  ``train/loss`` stays its task loss. Manual optimization is then refused
   in ``setup`` (the base callback says why); with ``router_finetune: false`` nothing is added.
 * ``on_train_end``: the per-layer expert load (layers × experts) goes to
   ``<run_dir>/moe_expert_load.png`` (heatmap) and ``moe_report.json``; :meth:`~MoEficationCallback.summary`
@@ -58,7 +59,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -68,7 +69,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightcook.callbacks.base import CompressionCallback, all_reduce_, calibration_batches
+from lightcook.callbacks.base import CompressionCallback, all_reduce_, batch_size_of, calibration_batches
 from lightcook.io import write_json_atomic
 from lightcook.ops.moe import MoEConfig, MoEFFN, measure_sparsity, prepare_, router_aux_loss, split_
 from lightcook.render import expert_load_figure, save_figure
@@ -254,7 +255,7 @@ class MoEficationCallback(CompressionCallback):
             metrics["moe/router_loss"] = sum(losses) / len(losses)
         if self.state["split_at_step"] == trainer.global_step - 1:
             metrics.update({f"moe/{k}": v for k, v in (self.state["sparsity_at_split"] or {}).items()})
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=_batch_size(batch))
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size_of(batch))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -311,12 +312,6 @@ class MoEficationCallback(CompressionCallback):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _batch_size(batch: Any) -> int | None:
-    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
-        return int(batch["input_ids"].shape[0])
-    return None
 
 
 def _imbalance(load: Tensor) -> Tensor | None:

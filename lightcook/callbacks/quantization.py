@@ -47,6 +47,7 @@ from lightcook.callbacks.base import (
     calibration_batches,
     calibration_source,
     first_loader,
+    training_loader,
 )
 from lightcook.ops.names import linear_like
 from lightcook.ops.quant import (
@@ -165,12 +166,16 @@ class QuantizationCallback(CompressionCallback):
         self.calibrate(trainer, pl_module, self._calibration_batches(trainer, current))
 
     def _calibration_batches(self, trainer: Trainer, current: Any) -> Iterable[Any]:
-        """The first training batches in dataset order; outside ``fit``, the running loop's data."""
+        """The first training batches in dataset order, rank ``r`` of ``w`` taking batches ``r, r + w,
+        ...`` (the fit loop's data, or the datamodule's outside ``fit``); else the running loop's data."""
         if trainer.state.fn == TrainerFn.FITTING and trainer.train_dataloader is None:
             trainer.fit_loop.setup_data()  # the sanity check runs before the fit loop loads its data
         count = self.config.calibration_batches
-        if first_loader(trainer.train_dataloader) is not None:
-            return calibration_batches(trainer, count, self.config_key, ordered=True)
+        loader = training_loader(trainer)
+        if loader is not None:
+            return calibration_batches(
+                trainer, count, self.config_key, ordered=True, per_rank=True, loader=loader
+            )
         loader = first_loader(current)
         source = calibration_source(loader) if loader is not None else ()
         return (trainer.strategy.batch_to_device(b) for b in itertools.islice(source, count))

@@ -123,7 +123,10 @@ SCHEMA_VERSION = 1
 
 
 def estimate_summary(
-    model: nn.Module, nm: tuple[int, int] | None = (2, 4), dtype: torch.dtype | None = None
+    model: nn.Module,
+    nm: tuple[int, int] | None = (2, 4),
+    dtype: torch.dtype | None = None,
+    architecture: Any = None,
 ) -> dict[str, Any]:
     """What the report shows of :func:`lightcook.export.estimate_bytes` for the live ``model``.
 
@@ -131,6 +134,7 @@ def estimate_summary(
         model: the network being compressed (``pl_module.model``).
         nm: the ``(n, m)`` pattern the export packs (its ``nm`` argument).
         dtype: the export's ``dtype`` (cast of the floating tensors stored as they are).
+        architecture: the structured-pruning layout override (its ``architecture`` export option).
 
     Returns:
         ``bytes_estimated`` (the export's ``tensor_bytes``), ``bits_per_weight`` and ``sparsity`` over
@@ -145,7 +149,7 @@ def estimate_summary(
         >>> summary["bytes_estimated"], summary["sparsity"], summary["bits_per_weight"], summary["layers"]
         (68, 0.5, 17.0, [{'name': '0.proj', 'params': 32, 'bits_per_weight': 17.0, 'sparsity': 0.5}])
     """
-    estimate = estimate_bytes(model, nm=nm, dtype=dtype)
+    estimate = estimate_bytes(model, nm=nm, dtype=dtype, architecture=architecture)
     layers = estimate["layers"]
     live = sum(layer["live_params"] for layer in layers.values())
     kept = sum(layer["kept"] for layer in layers.values())
@@ -370,7 +374,7 @@ class CompressionReport(Callback):
 
     def _estimate_options(self, trainer: Trainer) -> dict[str, Any]:
         options = _merged_options(compression_callbacks(trainer.callbacks))  # type: ignore[attr-defined]
-        return {"nm": options.get("nm", (2, 4)), "dtype": options.get("dtype")}
+        return {key: options[key] for key in ("nm", "dtype", "architecture") if key in options}
 
     def _export(
         self, model: nn.Module, run_dir: Path, callbacks: Sequence[CompressionCallback]

@@ -8,6 +8,15 @@ the forward pass sees ``w * mask`` through a parametrization, folded into the we
 ends (:func:`lightcook.ops.sparsity.convert_`). N:M groups run along the input dimension: dim 1 of
 ``nn.Linear.weight`` ``(out, in)``, dim 0 of GPT-2's ``Conv1D.weight`` ``(in, out)``.
 
+With ``criterion="sparsegpt"`` the masks are computed once, at ``start_step``, by one sequential
+calibration pass (:func:`lightcook.ops.calibrate.sequential_pass`) over ``calibration_batches``
+training batches: block by block, each targeted Linear's input Hessian (summed over DDP ranks) picks
+its mask and updates the weights it keeps (:func:`lightcook.ops.sparsegpt.sparsegpt_`), and the next
+block is calibrated on the outputs of the pruned ones. The masked training then starts from those
+weights. SparseGPT refuses a ramp and periodic recomputation (it would re-prune and re-update
+weights training has moved); the masks and the updated weights ride in the state dict, so a resumed
+run does not calibrate again.
+
 Example:
     >>> import tempfile, torch, lightning as L
     >>> from lightcook.modules import CausalLMModule
@@ -45,7 +54,9 @@ from lightcook.callbacks.base import (
     calibration_batches,
     eval_mode,
 )
+from lightcook.ops.calibrate import block_layers, sequential_pass
 from lightcook.ops.names import MASK, is_conv1d
+from lightcook.ops.sparsegpt import sparsegpt_
 from lightcook.ops.sparsity import (
     NMConfig,
     apply_masks_,
@@ -76,9 +87,10 @@ class SparsityCallback(CompressionCallback):
     Args:
         config: a :class:`~lightcook.ops.sparsity.NMConfig`; or give its fields as keyword
             ``options`` instead (not both): ``mode`` (nm | unstructured), ``n``, ``m``, ``pattern``
-            (1d | 2d), ``sparsity``, ``scope`` (layer | global), ``criterion`` (magnitude | wanda),
-            ``calibration_batches``, ``start_step``, ``end_step``, ``ramp_every``,
-            ``recompute_every``, ``sr_ste_decay`` — each documented on the config.
+            (1d | 2d), ``sparsity``, ``scope`` (layer | global), ``criterion`` (magnitude | wanda |
+            sparsegpt), ``calibration_batches``, ``blocksize``, ``percdamp`` (SparseGPT),
+            ``start_step``, ``end_step``, ``ramp_every``, ``recompute_every``, ``sr_ste_decay`` —
+            each documented on the config.
         targets, exclude, name, network: see :class:`~lightcook.callbacks.base.CompressionCallback`;
             ``name`` also sets the config key used in errors (``compress.<name>``; the
             ``unstructured`` preset uses ``name: unstructured``).
@@ -89,8 +101,9 @@ class SparsityCallback(CompressionCallback):
             target pattern matching no Linear, a targeted layer whose input (2-D pattern: also
             output) features are not divisible by ``m``, a layer another SparsityCallback already
             prunes, or a resumed checkpoint trained with other ``n`` / ``m`` / ... (the config's
-            ``SHAPE_FIELDS``).
-        RuntimeError: criterion ``wanda`` with no training batches to calibrate on.
+            ``SHAPE_FIELDS``); criterion ``sparsegpt`` with a target outside the repeated blocks.
+        NotImplementedError: in ``setup``, criterion ``sparsegpt`` on an encoder-decoder (T5).
+        RuntimeError: criterion ``wanda`` / ``sparsegpt`` with no training batches to calibrate on.
 
     Example:
         >>> cb = SparsityCallback(n=2, m=4, criterion="wanda", start_step=10, end_step=50)
@@ -148,6 +161,27 @@ class SparsityCallback(CompressionCallback):
         self._root = self.network(pl_module)
         self.named(prepare_, self._root, self.config, selected)
         self._names = list(selected)
+        if self.config.criterion == "sparsegpt":
+            self._check_sequential(pl_module)
+
+    def _check_sequential(self, pl_module: LightningModule) -> None:
+        """SparseGPT calibrates block by block: every target must sit inside a repeated block."""
+        assert self._root is not None
+        try:
+            inside = {n for names in block_layers(self._root, self._names).values() for n in names}
+        except NotImplementedError as err:
+            raise NotImplementedError(f"{self.config_key}.criterion='sparsegpt': {err}") from None
+        except ValueError as err:
+            raise ValueError(
+                f"{self.config_key}.criterion='sparsegpt': {err} [{self.where(pl_module)}]"
+            ) from None
+        outside = [name for name in self._names if name not in inside]
+        if outside:
+            raise self.fail(
+                "targets",
+                f"{outside[0]} lies outside the repeated blocks, which criterion 'sparsegpt' calibrates one "
+                f"by one; exclude it ({self.config_key}.exclude) or use another criterion",
+            )
 
     @override
     def export_options(self) -> dict[str, Any]:
@@ -248,8 +282,16 @@ class SparsityCallback(CompressionCallback):
             batches: Wanda calibration batches to use instead of the trainer's.
 
         Raises:
-            RuntimeError: criterion ``wanda`` and no calibration batch.
+            RuntimeError: criterion ``wanda`` / ``sparsegpt`` and no calibration batch.
+            ValueError: criterion ``sparsegpt`` and ``fraction < 1`` (it prunes at the full pattern only).
         """
+        if self.config.criterion == "sparsegpt":
+            if fraction < 1.0:
+                raise self.fail(
+                    "criterion", f"'sparsegpt' prunes at the full pattern only, got fraction {fraction}"
+                )
+            self._sparsegpt(pl_module, trainer, batches)
+            return
         wanda = self.config.criterion == "wanda"
         norms = self._input_sq_norms(pl_module, trainer, batches) if wanda else None
         compute_masks_(self.layers, self.config, fraction, norms)
@@ -279,20 +321,23 @@ class SparsityCallback(CompressionCallback):
             all_reduce_(acc.sum_sq, trainer)
         return {name: acc.sq_norm for name, acc in accs.items()}
 
+    def _source(self, network: nn.Module, trainer: Trainer | None, batches: Iterable | None) -> Iterable:
+        """``calibration_batches`` batches on the network's device: ``batches`` when given, else the
+        trainer's (the global RNG untouched; seeded with the step, so a resumed run sees the same ones)."""
+        count = self.config.calibration_batches
+        if batches is None:
+            step = trainer.global_step if trainer is not None else 0
+            owner = f"{self.config_key}.criterion={self.config.criterion!r}"
+            return calibration_batches(trainer, count, owner, seed=step)
+        device = next((p.device for p in network.parameters()), torch.device("cpu"))
+        return (move_data_to_device(b, device) for _, b in zip(range(count), batches))
+
     def _calibrate(
         self, pl_module: LightningModule, trainer: Trainer | None, batches: Iterable | None
     ) -> None:
-        """Forward ``calibration_batches`` batches through the network in eval mode (the global RNG
-        untouched; seeded with the step, so a resumed run sees the same batches)."""
-        network, count = self.network(pl_module), self.config.calibration_batches
-        if batches is None:
-            step = trainer.global_step if trainer is not None else 0
-            source: Iterable = calibration_batches(
-                trainer, count, f"{self.config_key}.criterion='wanda'", seed=step
-            )
-        else:
-            device = next((p.device for p in network.parameters()), torch.device("cpu"))
-            source = (move_data_to_device(b, device) for _, b in zip(range(count), batches))
+        """Forward the calibration batches through the network in eval mode."""
+        network = self.network(pl_module)
+        source = self._source(network, trainer, batches)
         context = trainer.precision_plugin.forward_context() if trainer else contextlib.nullcontext()
         seen = 0
         with eval_mode(network), context:
@@ -303,6 +348,38 @@ class SparsityCallback(CompressionCallback):
             raise RuntimeError(
                 f"{self.config_key}.criterion='wanda': no calibration batch (empty dataloader)"
             )
+
+    # ------------------------------------------------------------------ SparseGPT
+
+    def _sparsegpt(
+        self, pl_module: LightningModule, trainer: Trainer | None, batches: Iterable | None
+    ) -> None:
+        """One sequential pass: per block, each layer's Hessian (summed over ranks, so every rank
+        computes the same masks and weights) prunes it with SparseGPT; weights updated in place."""
+        network, cfg = self.network(pl_module), self.config
+        pattern: dict[str, Any] = {"n": cfg.n, "m": cfg.m} if cfg.mode == "nm" else {"sparsity": cfg.sparsity}
+
+        def visit(name: str, module: nn.Module, hessian: Tensor) -> None:
+            weight = as_out_in(dense_weight(module).detach(), module)  # (out, in) view of the stored weight
+            keep = self.named(sparsegpt_, weight, hessian, blocksize=cfg.blocksize, **pattern)
+            as_out_in(getattr(module, MASK), module).copy_(keep)
+
+        context = trainer.precision_plugin.forward_context() if trainer else contextlib.nullcontext()
+        progress = (
+            trainer is not None and trainer.is_global_zero and trainer.progress_bar_callback is not None
+        )
+        reduce = (lambda t: all_reduce_(t, trainer)) if trainer is not None else None
+        with eval_mode(network), context:
+            try:
+                sequential_pass(
+                    network, self._source(network, trainer, batches), self._names, visit,
+                    percdamp=cfg.percdamp, reduce=reduce, progress=progress,
+                )  # fmt: skip
+            except RuntimeError as err:
+                if str(err).startswith(self.config_key):
+                    raise
+                raise RuntimeError(f"{self.config_key}.criterion='sparsegpt': {err}") from None
+        apply_masks_(self.layers)
 
     # ------------------------------------------------------------------ fit end
 

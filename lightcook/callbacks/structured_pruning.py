@@ -86,6 +86,7 @@ from typing_extensions import override
 from lightcook.callbacks.base import (
     CompressionCallback,
     all_reduce_,
+    batch_size_of,
     calibration_batches,
     calibration_loss,
     eval_mode,
@@ -271,7 +272,7 @@ class StructuredPruningCallback(CompressionCallback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, outputs: Any
     ) -> dict[str, Tensor]:
         """``{"lagrangian": λ1·(ŝ − t) + λ2·(ŝ − t)²}`` while searching (0 once the gates are frozen)."""
-        gates, size = self._live, _batch_size(batch)
+        gates, size = self._live, batch_size_of(batch)
         if self.state["phase"] == FIXED:
             penalty = gates.lambda_1.new_zeros(())
         else:
@@ -364,12 +365,6 @@ class StructuredPruningCallback(CompressionCallback):
             "steps": self.state["steps"],
             "dual_restarts": self.state["dual_restarts"],
         }
-
-
-def _batch_size(batch: Any) -> int | None:
-    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
-        return int(batch["input_ids"].shape[0])
-    return None
 
 
 __all__ = ["StructuredPruningCallback"]

@@ -128,8 +128,12 @@ class LMModule(LightningModule):
         return batch
 
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        """The task loss, logged as ``train/loss``; ``None`` for a batch without labels (nothing to
+        learn from it alone; with ``compress.kd.task_scale=0`` distillation supplies the loss)."""
         loss, _ = self.compute_loss(batch)
+        if loss is None:
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightcook.ops.config import TechniqueConfig, check_choice, check_int
+from lightcook.ops.config import TechniqueConfig, check_choice, check_int, check_number
 from lightcook.ops.names import is_conv1d, linear_like, linear_names
 
 __all__ = [
@@ -1179,6 +1179,8 @@ def fake_quant_input(x: Tensor, quantization: tuple[str, int, Tensor | None] | N
 
 #: Allowed weight / activation bit widths, as a user types them.
 BITS = (2, 4, 8)
+#: Allowed starting points of the weights (:attr:`QuantConfig.init`).
+INITS = ("none", "gptq")
 
 
 @dataclass(frozen=True)
@@ -1196,7 +1198,7 @@ class QuantConfig(TechniqueConfig):
     """
 
     SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
-        "bits", "granularity", "group_size", "symmetric", "method", "activations", "act_bits"
+        "bits", "granularity", "group_size", "symmetric", "method", "activations", "act_bits", "init"
     )  # fmt: skip
 
     #: Weight bits: 8 (default), 4 or 2.
@@ -1216,6 +1218,16 @@ class QuantConfig(TechniqueConfig):
     act_bits: int = 8
     #: Training batches for the static activation calibration (default 8, >= 1).
     calibration_batches: int = 8
+    #: Starting point of the weights: ``"none"`` (default, the trained weights as they are) or ``"gptq"``
+    #: (one-shot GPTQ on calibration Hessians, :func:`lightcook.ops.gptq.gptq_layer_`, before QAT).
+    init: str = "none"
+    #: GPTQ: columns per lazy-update block (default 128, >= 1); speed only, the result is the same.
+    blocksize: int = 128
+    #: GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean (default 0.01, in [0, 1]).
+    percdamp: float = 0.01
+    #: GPTQ: act-order, columns quantized in decreasing Hessian diagonal (default False); group
+    #: scales still belong to the original column groups, so the export is unchanged.
+    desc_act: bool = False
 
     def __post_init__(self) -> None:
         check_choice("bits", self.bits, BITS)
@@ -1226,6 +1238,10 @@ class QuantConfig(TechniqueConfig):
         check_choice("activations", self.activations, ACT_MODES)
         check_choice("act_bits", self.act_bits, BITS)
         check_int("calibration_batches", self.calibration_batches, 1)
+        check_choice("init", self.init, INITS)
+        check_int("blocksize", self.blocksize, 1)
+        check_number("percdamp", self.percdamp, 0.0, 1.0)
+        check_choice("desc_act", self.desc_act, (True, False))
         if self.method == "dynamic" and not self.symmetric:
             raise ValueError("symmetric: method 'dynamic' (dynamic scaling) supports symmetric=true only")
 

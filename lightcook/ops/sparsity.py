@@ -548,10 +548,17 @@ class NMConfig(TechniqueConfig):
     #: ``"layer"`` (default: each layer loses ``sparsity``) or ``"global"`` (one threshold over all
     #: targeted layers; mode ``unstructured`` only).
     scope: str = "layer"
-    #: ``"magnitude"`` (default, ``|W|``) or ``"wanda"`` (``|W| * ||X||`` over calibration batches).
+    #: ``"magnitude"`` (default, ``|W|``), ``"wanda"`` (``|W| * ||X||`` over calibration batches) or
+    #: ``"sparsegpt"`` (one-shot: masks chosen and remaining weights updated block by block from each
+    #: layer's input Hessian, :func:`lightcook.ops.sparsegpt.sparsegpt_`; no ramp, no recompute,
+    #: ``pattern`` 1d, ``scope`` layer).
     criterion: str = "magnitude"
-    #: Training batches per Wanda calibration (one calibration per mask update; default 8, >= 1).
+    #: Training batches per Wanda / SparseGPT calibration (one calibration per mask update; default 8, >= 1).
     calibration_batches: int = 8
+    #: SparseGPT: columns per block of the OBS update (default 128, >= 1; rounded up to a multiple of ``m``).
+    blocksize: int = 128
+    #: SparseGPT: damping added to each Hessian's diagonal, a fraction of its mean (default 0.01, >= 0).
+    percdamp: float = 0.01
     #: Optimizer step at which the first mask is computed (default 0).
     start_step: int = 0
     #: End of the gradual ramp to the full pattern (default ``None``: one-shot at ``start_step``).
@@ -567,10 +574,28 @@ class NMConfig(TechniqueConfig):
         check_choice("mode", self.mode, ("nm", "unstructured"))
         check_choice("pattern", self.pattern, ("1d", "2d"))
         check_choice("scope", self.scope, ("layer", "global"))
-        check_choice("criterion", self.criterion, ("magnitude", "wanda"))
+        check_choice("criterion", self.criterion, ("magnitude", "wanda", "sparsegpt"))
+        if self.criterion == "sparsegpt" and self.calibration_batches == 0:
+            raise ValueError("calibration_batches: criterion 'sparsegpt' needs >= 1 calibration batch, got 0")
         check_int("calibration_batches", self.calibration_batches, 1)
+        check_int("blocksize", self.blocksize, 1)
+        check_number("percdamp", self.percdamp, 0.0)
         self._check_pattern()
         self._check_schedule()
+        if self.criterion == "sparsegpt":
+            self._check_sparsegpt()
+
+    def _check_sparsegpt(self) -> None:
+        """SparseGPT is one-shot: it changes the weights it keeps, so it runs once, at the full pattern."""
+        why = "criterion 'sparsegpt' prunes once, at the full pattern, and updates the kept weights"
+        if self.end_step is not None and self.end_step != self.start_step:
+            raise ValueError(f"end_step: {why}; a ramp is not supported: use null, got {self.end_step!r}")
+        if self.recompute_every:
+            raise ValueError(f"recompute_every: {why}; use 0, got {self.recompute_every!r}")
+        if self.pattern != "1d":
+            raise ValueError(f"pattern: {why} along the inputs; allowed: '1d'")
+        if self.scope != "layer":
+            raise ValueError(f"scope: {why} layer by layer; allowed: 'layer'")
 
     def _check_pattern(self) -> None:
         if self.mode == "unstructured":

@@ -264,8 +264,10 @@ def test_loss_hook_keeps_the_users_step_adds_terms_logs_them_and_is_removed(tmp_
     trainer.fit(module, token_loader(batches=1))
     outputs = extra.seen[0]
     assert "train/own" in trainer.callback_metrics  # the user's own logging survived
-    logged = trainer.callback_metrics["compress/extra/square"]
-    assert torch.allclose(logged, 0.5 * outputs.logits.float().pow(2).mean().detach())
+    square = 0.5 * outputs.logits.float().pow(2).mean().detach()
+    assert torch.allclose(trainer.callback_metrics["compress/extra/square"], square)
+    total = trainer.callback_metrics["compress/loss"]  # what was optimized: 0.5 * own + term
+    assert torch.allclose(total, 0.5 * module.returned[0] + square)
     assert "training_step" not in module.__dict__  # teardown put the class's method back
 
 

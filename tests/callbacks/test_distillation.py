@@ -645,3 +645,21 @@ def test_two_process_ddp_spawn(tmp_path, wide_teacher):
     assert next(iter(marks.values())).endswith("projection trained and synced: True")
     # ddp_spawn trains in child processes: the parent module never gets the setup-time projections
     # (nor other callbacks' masks); use strategy=ddp (re-launched ranks) to keep them.
+
+
+def test_distillation_only_trains_on_batches_without_labels(tmp_path):
+    """task_scale=0: batches without labels give the module no loss; the KD terms alone are the loss."""
+    rows = [{k: v for k, v in row.items() if k != "labels"} for row in causal_loader().dataset]
+    unlabelled = torch.utils.data.DataLoader(rows, batch_size=2)
+    torch.manual_seed(1)
+    CausalLMModule(config=TINY_LLAMA).model.save_pretrained(tmp_path / "teacher")  # another tiny Llama
+    module = student()
+    before = [p.detach().clone() for p in module.parameters()]
+    kd = DistillationCallback(teacher=str(tmp_path / "teacher"), task_scale=0.0)
+    trainer = make_trainer(tmp_path, [kd], max_steps=2)
+    trainer.fit(module, unlabelled)
+    assert kd.state["kd_steps"] == 2 and "train/loss" not in trainer.callback_metrics
+    assert torch.equal(
+        trainer.callback_metrics["compress/loss"], trainer.callback_metrics["compress/kd/logits"]
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))  # it trained

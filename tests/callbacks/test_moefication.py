@@ -87,7 +87,7 @@ def test_split_at_step_zero_partitions_permutes_and_routes(tmp_path):
         assert torch.allclose(moe.gate_proj.weight, originals[i][moe.perm], atol=0.05)
     summary = cb.summary()
     assert summary["split_done"] and summary["split_at_step"] == 0 and summary["ffn_param_fraction"] == 0.25
-    assert summary["layers"] == LAYERS and cb.exports == {}  # the one export step is the report's
+    assert summary["layers"] == LAYERS  # no export of its own: the one export step is the report's
 
 
 def test_report_and_heatmap_are_written(tmp_path):

@@ -413,3 +413,26 @@ def test_app_quant_run_exports_a_loadable_int8_model(compose):
     assert logits.shape == (2, 32, 49152) and bool(torch.isfinite(logits).all())
     ckpt = torch.load(Path(summary["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["callbacks"]["QuantizationCallback"]["_config"]["bits"] == 8
+
+
+def test_static_calibration_outside_fit_uses_the_datamodules_training_data(tmp_path):
+    """trainer.validate(datamodule=dm) calibrates on dm's training batches, not on what it then measures."""
+    import lightning as L
+
+    class Recording(L.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.built: list[str] = []
+
+        def train_dataloader(self):
+            self.built.append("train")
+            return token_loader(batches=2, seed=1)
+
+        def val_dataloader(self):
+            self.built.append("val")
+            return token_loader(batches=2, seed=2)
+
+    data, cb = Recording(), QuantizationCallback(activations="static", calibration_batches=2)
+    make_trainer(tmp_path, [cb], limit_val_batches=2).validate(tiny_module(), datamodule=data)
+    assert cb.state["calibrated"] and cb.state["calibration_batches"] == 2
+    assert data.built == ["val", "train"]  # the validation loop's data, then the calibration's

@@ -548,3 +548,177 @@ def test_manual_optimization_of_a_user_module(tmp_path):
     _, trainer, probe = fit(tmp_path, cb, module=module, max_steps=3)
     assert trainer.global_step == 3 and [ok for _, ok in probe.after_step] == [True] * 3
     assert weights_nm(cb) and cb.state["sparsity"] == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- SparseGPT one-shot
+
+
+def _one_shot(criterion: str, module=None, kind: str = "llama", **kwargs):
+    """The callback's one-shot mask step after ``setup``, on fixed calibration batches."""
+    module = module or tiny_module(kind)
+    cb = SparsityCallback(criterion=criterion, calibration_batches=3, **kwargs)
+    cb.prepare_once(None, module)
+    cb.compute_masks(module, batches=_calibration())
+    return module, cb
+
+
+def _calibration() -> list[dict[str, torch.Tensor]]:
+    return list(token_loader(3, batch_size=4, seq=32, seed=1))
+
+
+def _logit_error(module, dense) -> float:
+    """Distance of the pruned network's logits from the dense ones on the calibration batches."""
+    with torch.no_grad():
+        return sum(
+            float(
+                (
+                    module.model(input_ids=b["input_ids"]).logits
+                    - dense.model(input_ids=b["input_ids"]).logits
+                ).norm()
+            )
+            for b in _calibration()
+        )
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_sparsegpt_one_shot_matches_the_ops_and_beats_wanda_and_magnitude(kind):
+    from lightcook.ops.calibrate import sequential_pass
+    from lightcook.ops.sparsegpt import sparsegpt_
+
+    dense = tiny_module(kind)
+    module, cb = _one_shot("sparsegpt", kind=kind)
+    assert (
+        weights_nm(cb)
+        and masked_out_is_zero(cb)
+        and all(is_nm(as_out_in(m.weight_mask, m), 2, 4) for m in cb.layers.values())
+    )
+    reference = tiny_module(kind)  # the same pass written out with the ops
+
+    def visit(name, layer, hessian):
+        sparsegpt_(as_out_in(layer.weight.detach(), layer), hessian, n=2, m=4)
+
+    sequential_pass(reference.model.eval(), _calibration(), list(cb.layers), visit)
+    for name, layer in cb.layers.items():
+        torch.testing.assert_close(layer.weight, reference.model.get_submodule(name).weight)
+        kept = layer.weight_mask
+        assert not torch.equal(layer.weight[kept], dense.model.get_submodule(name).weight[kept])  # updated
+    wanda, _ = _one_shot("wanda", kind=kind)
+    magnitude, _ = _one_shot("magnitude", kind=kind)
+    assert _logit_error(module, dense) < min(_logit_error(wanda, dense), _logit_error(magnitude, dense))
+
+
+def test_sparsegpt_unstructured_exact_sparsity(tmp_path):
+    module, cb = _one_shot("sparsegpt", mode="unstructured", sparsity=0.6, name="unstructured")
+    for layer in cb.layers.values():
+        assert int((~layer.weight_mask).sum()) == round(0.6 * layer.weight_mask.numel())
+    assert masked_out_is_zero(cb)
+
+
+class CountPasses:
+    """Wraps the real sequential pass the callback calls and counts the calls."""
+
+    def __init__(self, monkeypatch) -> None:
+        import lightcook.callbacks.sparsity as module
+
+        self.calls = 0
+        real = module.sequential_pass
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "sequential_pass", counted)
+
+
+def _sparsegpt_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
+    module = tiny_module()
+    cb = SparsityCallback(criterion="sparsegpt", calibration_batches=2, start_step=1)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_last=True)
+    extra = [CrashAt(crash_at)] if crash_at is not None else []
+    trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=6, enable_checkpointing=True)
+    trainer.fit(module, token_loader(4), ckpt_path=ckpt_path)  # crash at 4: resumes at an epoch boundary
+    return module, cb
+
+
+def test_sparsegpt_resume_does_not_recalibrate(tmp_path, monkeypatch):
+    passes = CountPasses(monkeypatch)
+    straight, cb_straight = _sparsegpt_run(tmp_path / "straight")
+    assert passes.calls == 1 and cb_straight.state["update"] == "final:0" and weights_nm(cb_straight)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _sparsegpt_run(tmp_path / "crashed", crash_at=4)
+    assert passes.calls == 2
+    resumed, cb_resumed = _sparsegpt_run(
+        tmp_path / "crashed", ckpt_path=str(tmp_path / "crashed/ckpt/last.ckpt")
+    )
+    assert passes.calls == 2  # masks and updated weights came back with the state dict
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert cb_resumed.state_dict() == cb_straight.state_dict()
+
+
+def test_sparsegpt_ddp_spawn_two_ranks_agree(tmp_path):
+    cb = SparsityCallback(criterion="sparsegpt", calibration_batches=2, start_step=1)
+    trainer = make_trainer(
+        tmp_path, [cb, DumpPerRank(str(tmp_path))], strategy="ddp_spawn", devices=2, max_steps=3
+    )
+    trainer.fit(tiny_module(), token_loader(8))  # each rank calibrates on its own batches; H is summed
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    masks = [k for k in ranks[0] if k.endswith("weight_mask")]
+    assert len(masks) == LLAMA_TARGETS
+    assert [k for k in ranks[0] if not torch.equal(ranks[0][k], ranks[1][k])] == []
+    assert all(is_nm(ranks[0][k], 2, 4) for k in masks)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"end_step": 10},
+            r"compress\.prune\.end_step: criterion 'sparsegpt' prunes once.*a ramp is not supported",
+        ),
+        ({"recompute_every": 2}, r"compress\.prune\.recompute_every: criterion 'sparsegpt'"),
+        ({"pattern": "2d"}, r"compress\.prune\.pattern: criterion 'sparsegpt'.*allowed: '1d'"),
+        (
+            {"mode": "unstructured", "scope": "global", "name": "unstructured"},
+            r"compress\.unstructured\.scope: criterion 'sparsegpt'.*allowed: 'layer'",
+        ),
+        (
+            {"calibration_batches": 0},
+            r"compress\.prune\.calibration_batches: criterion 'sparsegpt' needs >= 1",
+        ),
+        ({"blocksize": 0}, r"compress\.prune\.blocksize: must lie in \[1, inf\]"),
+        ({"percdamp": -0.1}, r"compress\.prune\.percdamp: must lie in \[0"),
+    ],
+)
+def test_sparsegpt_bad_arguments_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=f"^{match}"):
+        SparsityCallback(criterion="sparsegpt", **kwargs)
+
+
+def test_sparsegpt_setup_and_calibration_errors(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"^compress\.prune\.targets: lm_head lies outside the repeated blocks"
+    ):
+        fit(tmp_path, SparsityCallback(criterion="sparsegpt", targets=["*_proj", "lm_head"]), max_steps=1)
+    from lightcook.modules import Seq2SeqLMModule
+
+    t5 = Seq2SeqLMModule(config=TINY["t5"])
+    with pytest.raises(
+        NotImplementedError, match=r"^compress\.prune\.criterion='sparsegpt': .*'t5' has 2 layer"
+    ):
+        SparsityCallback(criterion="sparsegpt").prepare_once(None, t5)
+    module = tiny_module()
+    cb = SparsityCallback(criterion="sparsegpt")
+    cb.prepare_once(None, module)
+    with pytest.raises(
+        RuntimeError, match=r"^compress\.prune\.criterion='sparsegpt': needs training batches"
+    ):
+        cb.compute_masks(module)
+    with pytest.raises(
+        RuntimeError, match=r"^compress\.prune\.criterion='sparsegpt': .*no calibration batch"
+    ):
+        cb.compute_masks(module, batches=[])
+    with pytest.raises(
+        ValueError, match=r"^compress\.prune\.criterion: 'sparsegpt' prunes at the full pattern"
+    ):
+        cb.compute_masks(module, fraction=0.5)

@@ -544,7 +544,8 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):
 
 @pytest.mark.parametrize("kd_first", [False, True])
 def test_composes_with_distillation_in_either_order(tmp_path, kd_first):
-    distillation = pytest.importorskip("lightcook.callbacks.distillation")
+    from lightcook.callbacks import distillation
+
     callbacks = [StructuredPruningCallback(end_step=2), distillation.DistillationCallback()]
     if kd_first:
         callbacks.reverse()
@@ -560,7 +561,8 @@ def test_composes_with_distillation_in_either_order(tmp_path, kd_first):
 def test_composes_with_fake_quant_listed_first(tmp_path):
     """Canonical order puts the gates (20) before fake-quant (40), which swaps the projections: the
     gates must follow the swap, and the float sliced export still reloads."""
-    quantization = pytest.importorskip("lightcook.callbacks.quantization")
+    from lightcook.callbacks import quantization
+
     cb = StructuredPruningCallback(end_step=1)
     module = tiny_module()
     make_trainer(tmp_path, [quantization.QuantizationCallback(), cb], max_steps=2).fit(

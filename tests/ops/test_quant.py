@@ -657,6 +657,41 @@ def test_quant_config_checks_every_field_without_a_prefix():
         cfg.bits = 8  # frozen
 
 
+def test_quant_config_gptq_fields():
+    from lightcook.ops.quant import QuantConfig
+
+    cfg = QuantConfig()
+    assert (cfg.init, cfg.blocksize, cfg.percdamp, cfg.desc_act) == ("none", 128, 0.01, False)
+    cases = {
+        "init": [{"init": "rtn"}, {"init": None}],
+        "blocksize": [{"blocksize": 0}, {"blocksize": 1.5}, {"blocksize": True}],
+        "percdamp": [{"percdamp": -0.01}, {"percdamp": 1.5}, {"percdamp": "0.1"}, {"percdamp": True}],
+        "desc_act": [{"desc_act": 1}, {"desc_act": "true"}],
+    }
+    for field, bad in cases.items():
+        for kwargs in bad:
+            with pytest.raises(ValueError, match=f"^{field}: "):
+                QuantConfig(**kwargs)
+    cfg = QuantConfig(init="gptq", blocksize=32, percdamp=0.0, desc_act=True)
+    assert cfg.shape()["init"] == "gptq"  # a resumed run must not switch the starting point
+    assert not {"blocksize", "percdamp", "desc_act"} & set(cfg.shape())  # tuning knobs, not the state's shape
+    with pytest.raises(ValueError, match="^compress.quant.init: got 'gtpq'"):
+        QuantConfig.build("compress.quant.", init="gtpq")
+
+
+def test_quant_yaml_gives_the_gptq_keys_with_their_defaults():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from lightcook.ops.quant import QuantConfig
+
+    yaml = OmegaConf.load(Path(__file__).parents[2] / "conf" / "compress" / "quant.yaml")
+    defaults = QuantConfig()
+    for key in ("init", "blocksize", "percdamp", "desc_act"):
+        assert yaml[key] == getattr(defaults, key), key
+
+
 def _two_layer_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
