@@ -1,5 +1,5 @@
-"""Shared fixtures and helpers: tiny models, random token data, CPU trainers, composed configs with
-outputs under tmp_path, CUDA skipping."""
+"""Shared fixtures: composed configs with outputs under tmp_path, CUDA skipping, quiet W&B. Helpers
+(tiny configs, loaders, trainers) live in tests/helpers."""
 
 from __future__ import annotations
 
@@ -11,16 +11,6 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from tests.helpers import (  # noqa: F401  (transition: import from tests.helpers)
-    REPO,
-    TINY_LLAMA,
-    CrashAt,
-    keys_differing_across_ranks,
-    make_trainer,
-    random_batch,
-    token_loader,
-)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -570,6 +570,12 @@ class NMConfig(TechniqueConfig):
     #: SR-STE decay of pruned weights (default ``None``: hard masks, pruned weights zeroed; >= 0).
     sr_ste_decay: float | None = None
 
+    def shape(self) -> dict[str, Any]:
+        """The shape fields that matter in this mode: ``n``/``m``/``pattern`` for N:M, ``sparsity`` and
+        ``scope`` for unstructured (a resumed 2:4 run may change an unused ``sparsity``)."""
+        unused = ("sparsity", "scope") if self.mode == "nm" else ("n", "m", "pattern")
+        return {k: v for k, v in super().shape().items() if k not in unused}
+
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, ("nm", "unstructured"))
         check_choice("pattern", self.pattern, ("1d", "2d"))

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightcook.export import load_compressed, read_manifest, save_compressed
 from lightcook.export.format import CONFIG, MANIFEST, TENSORS, read_tensors, tied_aliases, write_folder
-from tests.conftest import TINY_LLAMA
+from tests.helpers import TINY_LLAMA
 
 
 def tiny_llama() -> torch.nn.Module:

@@ -11,7 +11,7 @@ from lightcook.callbacks.moefication import MoEficationCallback
 from lightcook.export import estimate_bytes, load_compressed, read_manifest, save_compressed
 from lightcook.export.format import nbytes, read_tensors
 from lightcook.ops.moe import MoEFFN, moe_modules, set_top_k
-from tests.conftest import TINY_LLAMA, random_batch
+from tests.helpers import TINY_LLAMA, random_batch
 
 TINY_GPT2 = {
     "model_type": "gpt2",

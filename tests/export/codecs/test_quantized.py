@@ -15,7 +15,7 @@ from lightcook.export.codecs.quantized import quantized_layers
 from lightcook.export.format import nbytes, read_tensors
 from lightcook.modules import CausalLMModule
 from lightcook.ops.quant import DequantLinear, Int8Linear, QuantLinear, QuantSpec
-from tests.conftest import TINY_LLAMA, random_batch
+from tests.helpers import TINY_LLAMA, random_batch
 
 LAYERS = 2 * 7
 
