@@ -1,4 +1,4 @@
-"""Benchmark one-shot pruning (no training step) of SmolLM2-135M-Instruct on Shakespeare (CPU).
+"""Benchmark one-shot pruning and weight quantization (no training step) of SmolLM2-135M-Instruct (CPU).
 
 Measures, in one process, the held-out perplexity of the dense model and of the model pruned once
 through :class:`~lightcook.callbacks.sparsity.SparsityCallback`'s own code path (``setup`` then the
@@ -7,9 +7,17 @@ wall time of each one-shot (calibration pass included) over all 210 block Linear
 evaluation as issue 15's table: block 128, batch 4, held-out ppl over 8 validation batches (4,064
 predicted tokens), 64 calibration sequences (16 training batches).
 
-It rewrites the ``## One-shot pruning`` section of docs/benchmarks.md (other sections are kept).
+The quantization rows (``--only quant``) are 4-bit weight-only (``activations: none``) absmax
+quantization of the same 210 Linears through :class:`~lightcook.callbacks.quantization.QuantizationCallback`
+(``setup`` swaps, then :meth:`~lightcook.callbacks.quantization.QuantizationCallback.gptq` for
+``init: gptq``): round-to-nearest vs GPTQ, per output channel and per group of 64 inputs (128 does not
+divide the model's 576 hidden features). Same data, calibration sequences and evaluation.
+
+It rewrites the ``## One-shot pruning`` / ``## One-shot weight quantization`` section of
+docs/benchmarks.md for the group of rows it ran (other sections are kept).
 
     .venv/bin/python experiments/bench/oneshot.py --threads 2
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/bench/oneshot.py --threads 1 --only quant
     # a smoke run that leaves docs/benchmarks.md alone
     .venv/bin/python experiments/bench/oneshot.py --eval-batches 1 --calibration-batches 1 --no-docs
 """
@@ -24,6 +32,7 @@ import time
 import torch
 from _common import BENCHMARKS_MD, header
 
+from lightcook.callbacks.quantization import QuantizationCallback
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.data import TextDataModule
 from lightcook.measure import perplexity
@@ -32,6 +41,8 @@ from lightcook.render import table, write_section
 
 MODEL = "smollm2-135m-instruct"
 SECTION = "## One-shot pruning"
+QUANT_SECTION = "## One-shot weight quantization"
+GROUP = 64  # inputs per scale of the group rows: divides 576 (hidden) and 1536 (MLP); 128 does not
 VARIANTS = [  # (label, SparsityCallback options)
     ("2:4 magnitude", {"criterion": "magnitude"}),
     ("2:4 Wanda", {"criterion": "wanda"}),
@@ -39,6 +50,13 @@ VARIANTS = [  # (label, SparsityCallback options)
     ("unstructured 50% Wanda", {"mode": "unstructured", "sparsity": 0.5, "criterion": "wanda"}),
     ("unstructured 50% SparseGPT", {"mode": "unstructured", "sparsity": 0.5, "criterion": "sparsegpt"}),
 ]
+QUANT_VARIANTS = [  # (label, QuantizationCallback options), weight-only absmax
+    ("W4 per-channel RTN", {"granularity": "channel", "init": "none"}),
+    ("W4 per-channel GPTQ", {"granularity": "channel", "init": "gptq"}),
+    (f"W4 group-{GROUP} RTN", {"granularity": "group", "group_size": GROUP, "init": "none"}),
+    (f"W4 group-{GROUP} GPTQ", {"granularity": "group", "group_size": GROUP, "init": "gptq"}),
+]
+GROUPS = {"prune": VARIANTS, "quant": QUANT_VARIANTS}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batches", type=int, default=8, help="held-out batches (4 x 128 tokens)")
     parser.add_argument("--calibration-batches", type=int, default=16, help="training batches of 4 sequences")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="*", default=None, help="run only these variant labels")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only these variant labels or groups (prune, quant)"
+    )
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md")
     return parser.parse_args(argv)
 
@@ -61,28 +81,70 @@ def one_shot(calib: list[dict], options: dict) -> tuple[CausalLMModule, float]:
     return module, time.perf_counter() - started
 
 
-def rows(val: list, calib: list, only: list[str] | None) -> tuple[list[tuple[str, float, float | None]], int]:
-    """``(label, held-out ppl, seconds)`` for the dense model and each variant; the predicted tokens."""
+def quant_one_shot(calib: list[dict], options: dict) -> tuple[CausalLMModule, float]:
+    """A fresh model quantized once to 4-bit weights (RTN, or GPTQ on one sequential pass)."""
+    module = CausalLMModule(name_or_path=MODEL)
+    cb = QuantizationCallback(bits=4, activations="none", calibration_batches=len(calib), **options)
+    cb.prepare_once(None, module)  # the QuantLinear swaps; RTN is the fake-quant forward itself
+    started = time.perf_counter()
+    if cb.config.init == "gptq":
+        cb.gptq(module, batches=calib)
+    return module, time.perf_counter() - started
+
+
+def rows(
+    val: list, calib: list, only: list[str] | None
+) -> tuple[dict[str, list[tuple[str, float, float | None]]], int]:
+    """Per group that ran: ``(label, held-out ppl, seconds)`` of the dense model and each variant;
+    the predicted tokens."""
     dense = perplexity(CausalLMModule(name_or_path=MODEL).model, val)
-    result: list[tuple[str, float, float | None]] = [("dense", dense.value, None)]
-    print(result[-1], flush=True)
-    for label, options in VARIANTS:
-        if only and label not in only:
-            continue
-        module, seconds = one_shot(calib, options)
-        result.append((label, perplexity(module.model, val).value, seconds))
-        print(result[-1], flush=True)
-        del module
-        gc.collect()
+    print(("dense", dense.value), flush=True)
+    runners = {"prune": one_shot, "quant": quant_one_shot}
+    result: dict[str, list[tuple[str, float, float | None]]] = {}
+    for group, variants in GROUPS.items():
+        for label, options in variants:
+            if only and label not in only and group not in only:
+                continue
+            module, seconds = runners[group](calib, options)
+            found = result.setdefault(group, [("dense", dense.value, None)])
+            found.append((label, perplexity(module.model, val).value, seconds))
+            print(found[-1], flush=True)
+            del module
+            gc.collect()
     return result, dense.tokens
 
 
-def render(args: argparse.Namespace, results: list, tokens: int, wall: float) -> str:
+def _body(results: list) -> list[list[str]]:
     dense = results[0][1]
-    body = [
+    return [
         [label, f"{ppl:.2f}", f"{ppl / dense:.2f}x", "—" if secs is None else f"{secs:.1f} s"]
         for label, ppl, secs in results
     ]
+
+
+def render_quant(args: argparse.Namespace, results: list, tokens: int, wall: float) -> str:
+    """The ``## One-shot weight quantization`` section."""
+    lines = [
+        QUANT_SECTION,
+        "",
+        *header("oneshot.py", wall=wall),
+        f"Model: SmolLM2-135M-Instruct (30 layers, 210 targeted Linears); data: Shakespeare, block 128, "
+        f"batch 4; held-out ppl over {args.eval_batches} validation batches ({tokens} predicted tokens); "
+        f"calibration: {4 * args.calibration_batches} training sequences. 4-bit symmetric absmax weights, "
+        f"activations float (`activations: none`), per output channel or per group of {GROUP} inputs "
+        f"(128 does not divide the 576 hidden features); LM head and embeddings float. RTN = "
+        "round-to-nearest (`init: none`); GPTQ = `init: gptq` (`blocksize` 128, `percdamp` 0.01, no "
+        "act-order, one sequential block-by-block pass) through `QuantizationCallback.gptq`, no training "
+        f"step. Time: the one-shot on {args.threads} threads (calibration included; RTN has none).",
+        "",
+        *table(["one-shot, no training", "held-out ppl", "vs dense", "time"], _body(results), "lrrr"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render(args: argparse.Namespace, results: list, tokens: int, wall: float) -> str:
+    body = _body(results)
     lines = [
         SECTION,
         "",
@@ -110,10 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     calib = list(itertools.islice(data.train_dataloader(), args.calibration_batches))
     results, tokens = rows(val, calib, args.only)
-    text = render(args, results, tokens, time.time() - started)
-    print(text)
-    if not args.no_docs:
-        write_section(BENCHMARKS_MD, SECTION, text)
+    renderers = {"prune": (SECTION, render), "quant": (QUANT_SECTION, render_quant)}
+    for group, found in results.items():
+        section, draw = renderers[group]
+        text = draw(args, found, tokens, time.time() - started)
+        print(text)
+        if not args.no_docs:
+            write_section(BENCHMARKS_MD, section, text)
 
 
 if __name__ == "__main__":

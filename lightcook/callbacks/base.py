@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightcook.ops.calibrate import Visit, sequential_pass
 from lightcook.ops.config import TechniqueConfig
 from lightcook.ops.names import linear_like
 
@@ -833,6 +834,64 @@ def calibration_batches(
             yield trainer.strategy.batch_to_device(batch)
     if not seen:
         raise RuntimeError(f"{owner}: the training dataloader yielded no batch for calibration")
+
+
+def sequential_calibration(
+    trainer: Trainer | None,
+    network: nn.Module,
+    batches: Iterable[Any],
+    layers: Sequence[str],
+    visit: Visit,
+    *,
+    owner: str,
+    percdamp: float,
+) -> list[str]:
+    """Run :func:`~lightcook.ops.calibrate.sequential_pass` the way a callback's one-shot needs it.
+
+    ``network`` in eval mode under the trainer's precision context, the Hessian statistics summed
+    over DDP ranks (so every rank compresses identically), a progress line on rank 0 when the
+    trainer shows a progress bar; a calibration error is prefixed with ``owner``.
+
+    Args:
+        trainer: gives the precision context and the ranks (``None``: one process, no autocast).
+        network: the decoder-only model holding ``layers``.
+        batches: calibration batches on the network's device.
+        layers: qualified names of the Linear layers to visit.
+        visit: ``visit(name, module, H)`` (H dampened by ``percdamp``).
+        owner: the config key to name in errors, e.g. ``compress.quant.init='gptq'``.
+        percdamp: damping of the pass (:func:`~lightcook.ops.calibrate.dampen_`).
+
+    Returns:
+        The names visited, in order.
+
+    Raises:
+        RuntimeError: no calibration batch (the message starts with ``owner``).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> net = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+        >>> sequential_calibration(None, net, [torch.randint(0, 64, (2, 8))],
+        ...     ["model.layers.0.mlp.up_proj"], lambda *_: None, owner="compress.x", percdamp=0.01)
+        ['model.layers.0.mlp.up_proj']
+        >>> sequential_calibration(None, net, [], ["model.layers.0.mlp.up_proj"], lambda *_: None,
+        ...     owner="compress.x", percdamp=0.01)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: compress.x: sequential calibration: no calibration batch reached the first block
+    """
+    context = trainer.precision_plugin.forward_context() if trainer else contextlib.nullcontext()
+    progress = trainer is not None and trainer.is_global_zero and trainer.progress_bar_callback is not None
+    reduce = (lambda t: all_reduce_(t, trainer)) if trainer is not None else None
+    with eval_mode(network), context:
+        try:
+            return sequential_pass(
+                network, batches, layers, visit, percdamp=percdamp, reduce=reduce, progress=progress
+            )
+        except RuntimeError as err:
+            if str(err).startswith(owner):
+                raise
+            raise RuntimeError(f"{owner}: {err}") from None
 
 
 def _in_dataset_order(loader: Any) -> Iterable:

@@ -53,8 +53,9 @@ from lightcook.callbacks.base import (
     all_reduce_,
     calibration_batches,
     eval_mode,
+    sequential_calibration,
 )
-from lightcook.ops.calibrate import block_layers, sequential_pass
+from lightcook.ops.calibrate import block_layers
 from lightcook.ops.names import MASK, is_conv1d
 from lightcook.ops.sparsegpt import sparsegpt_
 from lightcook.ops.sparsity import (
@@ -364,21 +365,11 @@ class SparsityCallback(CompressionCallback):
             keep = self.named(sparsegpt_, weight, hessian, blocksize=cfg.blocksize, **pattern)
             as_out_in(getattr(module, MASK), module).copy_(keep)
 
-        context = trainer.precision_plugin.forward_context() if trainer else contextlib.nullcontext()
-        progress = (
-            trainer is not None and trainer.is_global_zero and trainer.progress_bar_callback is not None
+        owner = f"{self.config_key}.criterion='sparsegpt'"
+        source = self._source(network, trainer, batches)
+        sequential_calibration(
+            trainer, network, source, self._names, visit, owner=owner, percdamp=cfg.percdamp
         )
-        reduce = (lambda t: all_reduce_(t, trainer)) if trainer is not None else None
-        with eval_mode(network), context:
-            try:
-                sequential_pass(
-                    network, self._source(network, trainer, batches), self._names, visit,
-                    percdamp=cfg.percdamp, reduce=reduce, progress=progress,
-                )  # fmt: skip
-            except RuntimeError as err:
-                if str(err).startswith(self.config_key):
-                    raise
-                raise RuntimeError(f"{self.config_key}.criterion='sparsegpt': {err}") from None
         apply_masks_(self.layers)
 
     # ------------------------------------------------------------------ fit end

@@ -4,6 +4,7 @@ network stored elsewhere, manual optimization, misconfiguration, the app."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -143,7 +144,9 @@ def test_static_calibration_once_on_train_data_matches_reference(tmp_path):
     trainer = make_trainer(tmp_path, [cb], limit_val_batches=1, val_check_interval=1, num_sanity_val_steps=1)
     trainer.fit(module, train_loader, val_loader)  # sanity check first: calibrates on train data
     amax = {n: q.input_quantizer.amax.clone() for n, q in cb.quantized_modules.items()}
-    assert cb.state == {"calibrated": True, "calibration_batches": 3, "calibrated_at_step": 0}
+    assert cb.state == {
+        "calibrated": True, "calibration_batches": 3, "calibrated_at_step": 0, "gptq_done": False
+    }  # fmt: skip
     for proj in ("q_proj", "k_proj", "v_proj"):
         assert torch.equal(amax[f"model.layers.0.self_attn.{proj}"], torch.stack(seen).max())
     assert all(float(a) > 0 for a in amax.values())
@@ -185,7 +188,7 @@ def test_crash_and_resume_matches_straight_run(tmp_path):
     assert a.keys() == b.keys() and sum(k.endswith("input_quantizer.amax") for k in a) == LLAMA_TARGETS
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     # calibrated once, before step 0, and not again after resuming; the shape fields ride along
-    expected = {"calibrated": True, "calibration_batches": 2, "calibrated_at_step": 0}
+    expected = {"calibrated": True, "calibration_batches": 2, "calibrated_at_step": 0, "gptq_done": False}
     assert (
         cb_resumed.state_dict()
         == cb_straight.state_dict()
@@ -243,6 +246,112 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):
     assert verdict["differ"] == []
     assert len(verdict["amax"]) == LLAMA_TARGETS and min(verdict["amax"]) > 0
     assert verdict["state"]["calibrated"] and verdict["state"]["calibration_batches"] == 2
+
+
+# --------------------------------------------------------------------------- GPTQ init
+
+
+class AtFirstBatch(Callback):
+    """Records ``probe(pl_module)`` when the first training batch starts, after the compression
+    callbacks' own ``on_train_batch_start`` (list it after them: they keep their slots)."""
+
+    def __init__(self, probe) -> None:
+        self.probe, self.result = probe, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.result is None:
+            self.result = self.probe(pl_module)
+
+
+def _logits(network, loader):
+    with torch.no_grad():
+        return torch.cat([network.eval()(input_ids=b["input_ids"]).logits for b in loader])
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_gptq_init_lowers_the_logit_error_of_4_bit_weights(tmp_path, granularity):
+    loader = token_loader(4)
+    dense = _logits(tiny_module().model, loader)
+    errors = {}
+    for init in ("none", "gptq"):
+        options = {"granularity": granularity, "group_size": 16, "activations": "none"}
+        cb = QuantizationCallback(bits=4, init=init, calibration_batches=4, **options)
+        probe = AtFirstBatch(lambda m: _logits(m.model, loader))
+        fit(tmp_path / init, cb, loader=loader, extra=[probe], max_steps=1)
+        errors[init] = float((probe.result - dense).pow(2).mean())
+        assert cb.state["gptq_done"] is (init == "gptq")
+    assert errors["gptq"] < 0.8 * errors["none"], errors
+
+
+def test_gptq_with_calibration_batches_0_names_the_key():
+    with pytest.raises(ValueError, match=r"^compress\.quant\.calibration_batches: must lie in \[1, inf\]"):
+        QuantizationCallback(init="gptq", calibration_batches=0)
+
+
+def test_gptq_then_static_calibration_on_the_gptq_weights(tmp_path):
+    cb = QuantizationCallback(bits=4, init="gptq", activations="static", calibration_batches=2)
+    snapshot = AtFirstBatch(lambda m: copy.deepcopy(m))
+    module, _ = fit(tmp_path, cb, extra=[snapshot], max_steps=1)
+    at_step_0 = snapshot.result  # after GPTQ and the calibration, before the first optimizer step
+    amax = {n: float(q.input_quantizer.amax) for n, q in cb.quantized_modules.items()}
+    # reference: the ranges measured again on that model, same first 2 training batches
+    reference = QuantizationCallback(bits=4, activations="static", calibration_batches=2)
+    reference.prepare_model(None, at_step_0)
+    reference.calibrate(None, at_step_0, list(token_loader())[:2])
+    expected = {n: float(q.input_quantizer.amax) for n, q in reference.quantized_modules.items()}
+    assert amax == expected and min(amax.values()) > 0
+    assert cb.state["gptq_done"] and cb.state["calibrated"] and cb.state["calibrated_at_step"] == 0
+
+
+def test_sparsegpt_prunes_before_gptq_quantizes(tmp_path):
+    prune = SparsityCallback(n=2, m=4, criterion="sparsegpt", calibration_batches=2)
+    quant = QuantizationCallback(bits=4, init="gptq", activations="none", calibration_batches=2)
+    weights = AtFirstBatch(
+        lambda m: {
+            n: (q.weight.detach().clone(), q.weight_mask.clone()) for n, q in quant.quantized_modules.items()
+        }
+    )
+    fit(tmp_path, quant, extra=[prune, weights], max_steps=1)  # listed after quant: runs first anyway
+    assert prune.state["masks_computed"] and quant.state["gptq_done"]
+    for name, (w, mask) in weights.result.items():
+        layer = quant.quantized_modules[name]
+        assert not bool(mask.all()) and bool((mask.reshape(w.shape[0], -1, 4).sum(-1) == 2).all())
+        assert bool((w[~mask] == 0).all()), name  # pruned weights exactly zero
+        assert torch.equal(layer.weight_quantizer(w), w), name  # the rest on the 4-bit grid
+
+
+def _gptq_resume_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
+    module = tiny_module()
+    cb = QuantizationCallback(bits=4, method="lsq", init="gptq", calibration_batches=2)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True)
+    extra = [CrashAt(crash_at)] if crash_at is not None else []
+    trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=4, enable_checkpointing=True)
+    trainer.fit(module, token_loader(2), ckpt_path=ckpt_path)  # checkpoint at step 2 = an epoch end
+    return module, cb
+
+
+def test_gptq_resume_does_not_rerun_the_one_shot(tmp_path):
+    straight, cb_straight = _gptq_resume_run(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _gptq_resume_run(tmp_path / "crashed", crash_at=3)
+    last = tmp_path / "crashed" / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 2 and state["callbacks"]["QuantizationCallback"]["gptq_done"] is True
+    resumed, cb_resumed = _gptq_resume_run(tmp_path / "crashed", ckpt_path=str(last))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert cb_resumed.state == cb_straight.state and cb_resumed.state["gptq_done"]
+
+
+def test_gptq_ddp_spawn_two_ranks_agree(tmp_path):
+    cb = QuantizationCallback(bits=4, method="lsq", init="gptq", activations="static", calibration_batches=2)
+    out = tmp_path / "verdict.json"
+    trainer = make_trainer(
+        tmp_path, [cb, RankAgreement(cb, str(out))], strategy="ddp_spawn", devices=2, max_steps=1
+    )
+    trainer.fit(tiny_module(), token_loader(8))  # each rank calibrates on its own batches
+    verdict = json.loads(out.read_text())
+    assert verdict["world"] == 2 and verdict["differ"] == [] and verdict["state"]["gptq_done"]
 
 
 # --------------------------------------------------------------------------- misconfiguration

@@ -618,7 +618,7 @@ class CountPasses:
     """Wraps the real sequential pass the callback calls and counts the calls."""
 
     def __init__(self, monkeypatch) -> None:
-        import lightcook.callbacks.sparsity as module
+        import lightcook.callbacks.base as module
 
         self.calls = 0
         real = module.sequential_pass
