@@ -374,7 +374,8 @@ def test_nm_config_checks_every_field_without_a_prefix():
         with pytest.raises(ValueError, match=f"^{field}: "):
             NMConfig(**kwargs)
     assert NMConfig(mode="unstructured").sparsity == 0.5 and NMConfig().sparsity is None
-    assert set(NMConfig().shape()) == {"mode", "n", "m", "pattern", "sparsity", "scope", "sr_ste_decay"}
+    assert set(NMConfig().shape()) == {"mode", "n", "m", "pattern", "sr_ste_decay"}  # what N:M uses
+    assert set(NMConfig(mode="unstructured").shape()) == {"mode", "sparsity", "scope", "sr_ste_decay"}
 
 
 def test_prepare_adds_all_true_masks_and_checks_shapes_first():
