@@ -34,6 +34,23 @@ def header(script: str, argv: list[str] | None = None, wall: float | None = None
     return [f"Command: `{command}`  ", f"Machine: {machine_line(machine())}{took}"]
 
 
+def shakespeare_batches(model: str, eval_batches: int, calibration_batches: int) -> tuple[Any, list, list]:
+    """The benchmarks' data: Shakespeare with ``model``'s tokenizer, block 128, batch 4; returns
+    ``(datamodule, the first eval_batches validation batches, calibration_batches training batches)``
+    (the shuffled training loader seeded with 0, so every run calibrates on the same batches)."""
+    import itertools
+
+    import torch
+
+    from lightcook.data import TextDataModule
+
+    data = TextDataModule(tokenizer=model, block_size=128, batch_size=4)
+    data.setup("fit")
+    val = list(itertools.islice(data.val_dataloader(), eval_batches))
+    torch.manual_seed(0)
+    return data, val, list(itertools.islice(data.train_dataloader(), calibration_batches))
+
+
 def __getattr__(name: str) -> Any:
     """``StepTimer`` subclasses ``lightning.Callback``: it is defined on first use, so that importing
     this module does not import Lightning."""

@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import time
 
 import torch
-from _common import BENCHMARKS_MD, header
+from _common import BENCHMARKS_MD, header, shakespeare_batches
 
 from lightcook.callbacks.quantization import QuantizationCallback
 from lightcook.callbacks.sparsity import SparsityCallback
-from lightcook.data import TextDataModule
 from lightcook.measure import perplexity
 from lightcook.modules import CausalLMModule
 from lightcook.render import table, write_section
@@ -166,11 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    data = TextDataModule(tokenizer=MODEL, block_size=128, batch_size=4)
-    data.setup("fit")
-    val = list(itertools.islice(data.val_dataloader(), args.eval_batches))
-    torch.manual_seed(0)
-    calib = list(itertools.islice(data.train_dataloader(), args.calibration_batches))
+    data, val, calib = shakespeare_batches(MODEL, args.eval_batches, args.calibration_batches)
     results, tokens = rows(val, calib, args.only)
     renderers = {"prune": (SECTION, render), "quant": (QUANT_SECTION, render_quant)}
     for group, found in results.items():

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from _common import BENCHMARKS_MD, StepTimer, cpu_trainer, header
+from _common import BENCHMARKS_MD, StepTimer, cpu_trainer, header, shakespeare_batches
 from safetensors.torch import save_file
 
 from lightcook.callbacks.sparsity import SparsityCallback
@@ -218,11 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    data = TextDataModule(tokenizer=MODEL, block_size=128, batch_size=4)
-    data.setup("fit")
-    val = list(itertools.islice(data.val_dataloader(), args.eval_batches))
-    torch.manual_seed(0)
-    calib = list(itertools.islice(data.train_dataloader(), args.calibration_batches))
+    data, val, calib = shakespeare_batches(MODEL, args.eval_batches, args.calibration_batches)
     rows = one_shot_rows(val, calib)
     ft_rows, extra = finetune_rows(data, val, args)
     timing = overhead(data, args)

@@ -192,6 +192,7 @@ class CompressionCallback(Callback):
         self.network_spec = network
         self.state: dict[str, Any] = {}
         self._prepared_model: int | None = None
+        self._network: tuple[int, nn.Module] | None = None  # (id of the pl_module, its network)
         self._hook_handles: list[Any] = []
 
     #: The technique's config class (a :class:`~lightcook.ops.config.TechniqueConfig` subclass).
@@ -238,8 +239,11 @@ class CompressionCallback(Callback):
     # ------------------------------------------------------------------ the network and its layers
 
     def network(self, pl_module: nn.Module) -> nn.Module:
-        """The network this callback compresses inside ``pl_module`` (see :func:`find_network`)."""
-        return find_network(pl_module, self.network_spec, self.config_key)
+        """The network this callback compresses inside ``pl_module`` (see :func:`find_network`),
+        looked up once per module (hooks in the training step ask for it every step)."""
+        if self._network is None or self._network[0] != id(pl_module):
+            self._network = (id(pl_module), find_network(pl_module, self.network_spec, self.config_key))
+        return self._network[1]
 
     def where(self, pl_module: nn.Module) -> str:
         """Where the network was looked for, for error messages (``CausalLMModule.model (LlamaForCausalLM)``)."""
@@ -748,17 +752,18 @@ def install_loss_hook(
             "they must compress the same one"
         )
 
+    network = active[0].network(pl_module)
+    extra = {k: v for c in active for k, v in c.network_kwargs().items()}
+    scale = math.prod(c.task_scale() for c in active)
+
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
         def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
-            network = active[0].network(pl_module)
-            extra = {k: v for c in active for k, v in c.network_kwargs().items()}
             with contextlib.ExitStack() as stack:
                 for callback in active:
                     stack.enter_context(callback.step_context(trainer, pl_module, batch))
                 captured = stack.enter_context(capture_network_output(network, extra))
                 output = inner(batch, *args, **kwargs)
             loss = _loss_of(output)
-            scale = math.prod(callback.task_scale() for callback in active)
             if loss is None and scale != 0.0:
                 return output
             total = loss * scale if loss is not None and scale != 1.0 else loss
