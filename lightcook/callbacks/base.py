@@ -850,6 +850,7 @@ def sequential_calibration(
     *,
     owner: str,
     percdamp: float,
+    **options: Any,
 ) -> list[str]:
     """Run :func:`~lightcook.ops.calibrate.sequential_pass` the way a callback's one-shot needs it.
 
@@ -865,6 +866,7 @@ def sequential_calibration(
         visit: ``visit(name, module, H)`` (H dampened by ``percdamp``).
         owner: the config key to name in errors, e.g. ``compress.quant.init='gptq'``.
         percdamp: damping of the pass (:func:`~lightcook.ops.calibrate.dampen_`).
+        **options: ``true_sequential``, ``dense_targets``, ``dense_damp``, ``reference`` of the pass.
 
     Returns:
         The names visited, in order.
@@ -891,7 +893,14 @@ def sequential_calibration(
     with eval_mode(network), context:
         try:
             return sequential_pass(
-                network, batches, layers, visit, percdamp=percdamp, reduce=reduce, progress=progress
+                network,
+                batches,
+                layers,
+                visit,
+                percdamp=percdamp,
+                reduce=reduce,
+                progress=progress,
+                **options,
             )
         except RuntimeError as err:
             if str(err).startswith(owner):

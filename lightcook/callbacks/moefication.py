@@ -4,8 +4,9 @@ routes each token to the top-k of them (Zhang et al., Findings of ACL 2022). The
 :func:`lightcook.ops.moe.split_` (usable without Lightning).
 
 Timeline of one run (the structure follows from the configuration alone, so a resumed run rebuilds
-it before Lightning restores the weights; ``num_experts``, ``top_k``, ``router``, ``router_hidden``
-and ``architecture`` are stored in the checkpoint and a resumed run with other values fails first):
+it before Lightning restores the weights; ``num_experts``, ``top_k``, ``shared_experts``, ``router``,
+``router_hidden`` and ``architecture`` are stored in the checkpoint and a resumed run with other
+values fails first):
 
 * ``setup``: every FFN found by the architecture registry (:mod:`lightcook.ops.architectures`)
   becomes a :class:`~lightcook.ops.moe.MoEFFN` that reuses the FFN's projection modules under their
@@ -22,6 +23,12 @@ and ``architecture`` are stored in the checkpoint and a resumed run with other v
   (``split``), the neurons are permuted physically (gate/up rows, down columns, Adam moments) so
   experts are contiguous slices, routers are fitted, rank 0's partition and routers are broadcast
   (DDP), and routing turns on. A resumed run gets all of it back from the checkpoint.
+  With ``split: carve`` (CMoE, gated FFNs only, no ReLU-fication needed) the neurons most often among
+  a token's top ``active_fraction`` by ``|h|`` become ``shared_experts`` always-on experts, the rest
+  are grouped by co-activation into balanced routed experts, and ``router: representative`` builds
+  each router from the representative neurons' gate / up rows with no training
+  (:func:`lightcook.ops.moe.carve_partition`); a token then computes
+  ``(shared_experts + top_k) / num_experts`` of each FFN.
 * training continues with routing (dense compute with unselected experts masked, so it matches
   inference); with ``router_finetune`` the MLP routers keep learning to predict the expert
   activation mass: :meth:`~MoEficationCallback.loss_terms` adds the routers' loss (weighted by
@@ -35,7 +42,7 @@ and ``architecture`` are stored in the checkpoint and a resumed run with other v
   the MoE network, which :func:`lightcook.export.load_compressed` reloads with sparse,
   conditional-computation FFNs.
 
-Logged: ``moe/ffn_param_fraction`` (share of FFN weights used per token), ``moe/load_imbalance``
+Logged: ``moe/ffn_param_fraction`` (share of FFN weights used per token, shared plus routed experts), ``moe/load_imbalance``
 (mean over layers of max/mean expert load) and ``moe/load_imbalance/layer_<i>`` per layer,
 ``moe/router_loss``, and at the split ``moe/zero_fraction`` / ``moe/mass_fraction`` (activation
 sparsity, see :func:`lightcook.ops.moe.activation_sparsity`).
@@ -79,11 +86,12 @@ HEATMAP, REPORT = "moe_expert_load.png", "moe_report.json"
 
 class MoEficationCallback(CompressionCallback):
     """Split each dense FFN into ``num_experts`` equal experts and compute only the ``top_k`` that a
-    router picks per token.
+    router picks per token (plus, with ``split: carve``, the ``shared_experts`` always-on ones).
 
     Args:
         config: a :class:`~lightcook.ops.moe.MoEConfig`; or give its fields as keyword ``options``
-            instead (not both): ``num_experts``, ``top_k``, ``split``, ``router``, ``router_hidden``,
+            instead (not both): ``num_experts``, ``top_k``, ``split``, ``shared_experts``,
+            ``active_fraction``, ``router``, ``router_hidden``,
             ``router_steps``, ``router_lr``, ``router_batch_size``, ``router_finetune``,
             ``router_loss_weight``, ``calibration_batches``, ``kmeans_iters``, ``split_step``,
             ``relufy``, ``buckets``, ``architecture``, ``plot``, ``seed`` (each documented on the
@@ -95,11 +103,13 @@ class MoEficationCallback(CompressionCallback):
 
     Raises:
         ValueError: in ``__init__``, a setting outside its allowed values (the message names
-            ``compress.moe.<field>`` and lists them), e.g. ``top_k > num_experts``; in ``setup``, a
-            network with no recognisable FFN and no ``architecture`` mapping (the message says where
-            the network was looked for and mentions ``network``), ``num_experts`` not dividing an
-            intermediate size, or an FFN already split with other settings; at the split, no
-            calibration batch.
+            ``compress.moe.<field>`` and lists them), e.g. ``top_k > num_experts``,
+            ``shared_experts >= num_experts`` or ``shared_experts`` without ``split: carve``; in
+            ``setup``, a network with no recognisable FFN and no ``architecture`` mapping (the message
+            says where the network was looked for and mentions ``network``), ``num_experts`` not
+            dividing an intermediate size, ``split: carve`` on an FFN without a gate projection
+            (``compress.moe.split: ...``), or an FFN already split with other settings; at the split,
+            no calibration batch.
         TypeError: in ``setup``, manual optimization while the routers are fine-tuned.
 
     Example:
@@ -143,7 +153,8 @@ class MoEficationCallback(CompressionCallback):
 
     @property
     def ffn_param_fraction(self) -> float:
-        """Share of the FFN expert weights each token uses (``top_k / num_experts``)."""
+        """Share of the FFN expert weights each token uses, shared plus routed experts:
+        ``(shared_experts + top_k) / num_experts``."""
         return self.config.ffn_param_fraction
 
     @property
@@ -154,8 +165,8 @@ class MoEficationCallback(CompressionCallback):
     @property
     @override
     def adds_loss(self) -> bool:
-        """Only fine-tuned MLP routers add a loss term (``router``)."""
-        return self.config.router_finetune and self.config.router == "mlp"
+        """Only fine-tuned trainable routers (MLP, representative) add a loss term (``router``)."""
+        return self.config.router_finetune and self.config.router in ("mlp", "representative")
 
     @override
     def prepare_model(self, trainer: Trainer | None, pl_module: LightningModule | nn.Module) -> None:
@@ -261,7 +272,8 @@ class MoEficationCallback(CompressionCallback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         load = self._load_total
         if load is None:
-            load = torch.zeros(len(self._moes), self.config.num_experts, dtype=torch.long)
+            routed = self.config.num_experts - self.config.shared_experts
+            load = torch.zeros(len(self._moes), routed, dtype=torch.long)
         device = next(pl_module.parameters()).device
         load = all_reduce_(load.to(device).double(), trainer).cpu()  # every rank's training tokens
         self.report = self._build_report(load)
@@ -277,12 +289,13 @@ class MoEficationCallback(CompressionCallback):
         return {
             "layers": list(self._moes),
             "num_experts": self.config.num_experts,
+            "shared_experts": self.config.shared_experts,
             "top_k": self.config.top_k,
             "ffn_param_fraction": self.ffn_param_fraction,
             "router_param_fraction": _router_fraction(self._moes.values()),
             "state": dict(self.state),
             "load_imbalance": None if imbalance is None else [round(float(v), 4) for v in imbalance],
-            "expert_load": load.long().tolist(),  # (layers, experts) training tokens
+            "expert_load": load.long().tolist(),  # (layers, routed experts) training tokens
         }
 
     @override
@@ -295,11 +308,13 @@ class MoEficationCallback(CompressionCallback):
 
     @override
     def summary(self) -> dict[str, Any]:
-        """The outcome: experts, the share of FFN weights used per token, whether and when the split
-        happened, the routers' size and the mean load imbalance of training (1 = balanced)."""
+        """The outcome: experts (of them shared), the share of FFN weights used per token (shared plus
+        routed), whether and when the split happened, the routers' size and the mean load imbalance
+        of training over the routed experts (1 = balanced)."""
         imbalance = self.report.get("load_imbalance")
         return {
             "num_experts": self.config.num_experts,
+            "shared_experts": self.config.shared_experts,
             "top_k": self.config.top_k,
             "ffn_param_fraction": self.ffn_param_fraction,
             "router_param_fraction": _router_fraction(self._moes.values()),

@@ -62,6 +62,7 @@ from lightcook.ops.quant import (
     QuantSpec,
     calibrate_,
     conv1d_to_linear,
+    float_copy,
     prepare_,
     static_quantizers,
 )
@@ -290,7 +291,19 @@ class QuantizationCallback(CompressionCallback):
         names = [name for name, layer in self._layers.items() if isinstance(layer, QuantLinear)]
         source = self._gptq_batches(network, trainer, batches, owner)
         # percdamp=0: the pass only gives dead inputs a unit diagonal; gptq_ dampens, exactly once
-        visited = sequential_calibration(trainer, network, source, names, visit, owner=owner, percdamp=0.0)
+        visited = sequential_calibration(
+            trainer,
+            network,
+            source,
+            names,
+            visit,
+            owner=owner,
+            percdamp=0.0,
+            true_sequential=cfg.true_sequential,
+            dense_targets=cfg.dense_targets,
+            dense_damp=cfg.percdamp,
+            reference=float_copy,  # the dense targets are the float model's, not the fake-quant one's
+        )
         self.state.update(gptq_done=True)
         return visited
 

@@ -163,12 +163,12 @@ def estimate_summary(
 
 
 def _ffn_fraction(model: nn.Module) -> float:
-    """Mean over FFNs of the share of FFN weights a token uses (``top_k / num_experts`` for a routed
-    MoE FFN; 1.0 for an FFN not yet split and without MoE FFNs)."""
+    """Mean over FFNs of the share of FFN weights a token uses (``(shared_experts + top_k) / num_experts``
+    for a routed MoE FFN; 1.0 for an FFN not yet split and without MoE FFNs)."""
     moes = moe_modules(model)
     if not moes:
         return 1.0
-    shares = [m.top_k / m.num_experts if bool(m.routed) else 1.0 for m in moes.values()]
+    shares = [m.compute_fraction if bool(m.routed) else 1.0 for m in moes.values()]
     return sum(shares) / len(shares)
 
 

@@ -368,7 +368,16 @@ class SparsityCallback(CompressionCallback):
         owner = f"{self.config_key}.criterion='sparsegpt'"
         source = self._source(network, trainer, batches)
         sequential_calibration(
-            trainer, network, source, self._names, visit, owner=owner, percdamp=cfg.percdamp
+            trainer,
+            network,
+            source,
+            self._names,
+            visit,
+            owner=owner,
+            percdamp=cfg.percdamp,
+            true_sequential=cfg.true_sequential,
+            dense_targets=cfg.dense_targets,
+            dense_damp=cfg.percdamp,
         )
         apply_masks_(self.layers)
 

@@ -20,6 +20,23 @@ Xia et al. 2022):
   important gets ``init_spread`` more, evenly by rank. Every gate starts open (the model is still the
   dense one); the size penalty then closes the least important units first unless the task loss
   holds them. Short runs, whose gate gradients are mostly noise, keep a meaningful ranking.
+* ``init="obs"``: at the start of training (not on resume) a one-shot structured prune with
+  reconstruction (the ZipLM / SlimGPT family, :mod:`lightcook.ops.structured_obs`). Two sequential
+  block-by-block calibration passes over ``calibration_batches`` training batches
+  (:func:`~lightcook.callbacks.base.sequential_calibration`, Hessians dampened by ``percdamp`` and
+  summed over ranks) see the input Hessian ``H`` of each gated block's output projection
+  (``o_proj``: one column group per key/value head with its query heads; ``down_proj``: one column
+  per neuron). The first pass records, per projection, the greedy OBS error of removing its units
+  one after another; ``allocation`` turns those curves into how many units each block loses so
+  that ``target_sparsity`` of the layer parameters goes (``global``: the cheapest removals per
+  parameter over the whole model; ``uniform``: the same fraction of every layer). The second pass,
+  on the outputs of the blocks already pruned, removes that many units per projection greedily and
+  refits the projection's kept columns by least squares (``ΔW = −W[:, R] (H⁻¹[R, R])⁻¹ H⁻¹[R, :]``).
+  The removed units' gates close for good, every other gate opens with certainty
+  (:meth:`~lightcook.ops.hard_concrete.GateSet.fix_units_`); gate logits and refit weights ride in
+  the state dict. With ``end_step=0`` the target is met at once and the gates are frozen before
+  the first step: a one-shot structured prune whose sliced export is the product
+  (:meth:`~StructuredPruningCallback.obs_init` runs it outside ``fit`` too).
 * The loss: :meth:`~StructuredPruningCallback.loss_terms` adds the Lagrangian
   ``λ1·(ŝ − t) + λ2·(ŝ − t)²`` (logged ``compress/structured/lagrangian``) to the loss the module's
   own ``training_step`` returns, where ``ŝ`` is the expected sparsity of the layer parameters under
@@ -74,10 +91,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -90,9 +108,11 @@ from lightcook.callbacks.base import (
     calibration_batches,
     calibration_loss,
     eval_mode,
+    sequential_calibration,
 )
-from lightcook.ops.architectures import Architecture
+from lightcook.ops.architectures import BLOCK_UNIT, Architecture, resolve_blocks
 from lightcook.ops.hard_concrete import (
+    GatedBlock,
     GateSet,
     StructuredConfig,
     deterministic_sparsity,
@@ -102,8 +122,16 @@ from lightcook.ops.hard_concrete import (
     prepare_,
 )
 from lightcook.ops.slicing import gate_summary
+from lightcook.ops.sparsity import as_out_in, dense_weight
+from lightcook.ops.structured_obs import allocate, greedy_obs_, greedy_step
 
 SEARCH, FIXED = "search", "fixed"
+
+
+def _unit_columns(block: GatedBlock) -> Tensor:
+    """``(units, unit_width)`` input columns of each unit in the block's output projection (the
+    channels the gate hook scales: unit ``u`` owns ``[u·width, (u+1)·width)``)."""
+    return torch.arange(block.units * block.unit_width).reshape(block.units, block.unit_width)
 
 
 class StructuredPruningCallback(CompressionCallback):
@@ -113,7 +141,8 @@ class StructuredPruningCallback(CompressionCallback):
         config: a :class:`~lightcook.ops.hard_concrete.StructuredConfig`; or give its fields as
             keyword ``options`` instead (not both): ``target_sparsity``, ``units``, ``start_step``,
             ``end_step``, ``gate_lr``, ``lambda_lr``, ``droprate_init``, ``init``,
-            ``calibration_batches``, ``init_spread``, ``beta``, ``limit_l``, ``limit_r``,
+            ``calibration_batches``, ``percdamp``, ``allocation``, ``init_spread``, ``beta``,
+            ``limit_l``, ``limit_r``,
             ``dual_restart``, ``tolerance``, ``freeze_on_target``, ``architecture``, ``seed`` (each
             documented on the config, with its default and allowed values).
         targets, exclude: unused by this technique (it gates whole units found by the layout).
@@ -127,6 +156,8 @@ class StructuredPruningCallback(CompressionCallback):
             layout is unknown and no ``architecture`` given, or a unit kind the architecture does not
             have (the messages say where the network was looked for and mention ``network``).
         TypeError: in ``setup``, a LightningModule with manual optimization.
+        RuntimeError: at the start of training, ``init="taylor"`` / ``"obs"`` and no training batch
+            to calibrate on (names ``compress.structured.init=...``).
 
     Example:
         >>> cb = StructuredPruningCallback(target_sparsity=0.5, units=["neurons", "ffn_layers"])
@@ -205,8 +236,11 @@ class StructuredPruningCallback(CompressionCallback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.state["initialized"]:
             return
-        if trainer.global_step == 0:  # a resumed run has its gates from the checkpoint
-            self._live.rank_init_(self.taylor_scores(trainer, pl_module), self.config.init_spread)
+        if trainer.global_step == 0:  # a resumed run has its gates (and weights) from the checkpoint
+            if self.config.init == "obs":
+                self.obs_init(pl_module, trainer)
+            else:
+                self._live.rank_init_(self.taylor_scores(trainer, pl_module), self.config.init_spread)
         self.state["initialized"] = True
 
     def taylor_scores(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
@@ -225,6 +259,95 @@ class StructuredPruningCallback(CompressionCallback):
                 self._live, lambda batch: calibration_loss(pl_module, network, batch, owner), batches
             )
         return {kind: all_reduce_(total, trainer).abs() for kind, total in sums.items()}
+
+    @torch.no_grad()
+    def obs_init(
+        self, pl_module: LightningModule, trainer: Trainer | None = None, batches: Iterable[Any] | None = None
+    ) -> dict[str, int]:
+        """The one-shot structured OBS prune of ``init="obs"`` (see the module docstring): two sequential
+        calibration passes, the removed units' gates closed, the kept columns of each output projection
+        refit. Freezes the gates when the target is then met and ``end_step`` is 0 (with
+        ``freeze_on_target``). Called by ``fit`` at step 0; usable after ``setup`` (or
+        :meth:`prepare_once`) for a one-shot prune outside ``fit``.
+
+        Args:
+            pl_module: the module holding the gated network.
+            trainer: gives the calibration batches (its training dataloader), the precision context
+                and the ranks to reduce over; ``None``: one process, ``batches`` required.
+            batches: calibration batches to use instead of the trainer's (the first
+                ``calibration_batches`` of them, moved to the network's device).
+
+        Returns:
+            Units removed per output projection.
+
+        Raises:
+            RuntimeError: no calibration batch (names ``compress.structured.init='obs'``).
+        """
+        owner = f"{self.config_key}.init='obs'"
+        network, gates, config = self.network(pl_module), self._live, self.config
+        blocks = {b.output: b for b in gates.blocks if b.unit_offset is not None}
+        source = list(self._calibration_source(network, trainer, batches, owner))
+        curves: dict[str, Tensor] = {}
+
+        def curve(name: str, module: nn.Module, hessian: Tensor) -> None:
+            block = blocks[name]
+            work = as_out_in(dense_weight(module).detach(), module).float().clone()  # (out, in)
+            _, curves[name] = greedy_obs_(
+                work, hessian, _unit_columns(block), block.units, greedy_step(block.units), torch.float32
+            )
+
+        names = list(blocks)
+        sequential_calibration(trainer, network, source, names, curve, owner=owner, percdamp=config.percdamp)
+        counts = dict(zip(names, self._allocate(network, [blocks[n] for n in names], curves), strict=True))
+        removed = {
+            kind: torch.zeros_like(cast(Tensor, g.log_alpha), dtype=torch.bool)
+            for kind, g in gates.gates.items()
+        }
+
+        def prune(name: str, module: nn.Module, hessian: Tensor) -> None:
+            block = blocks[name]
+            weight = as_out_in(dense_weight(module).detach(), module)  # (out, in) view of the stored weight
+            work = weight.float().clone()
+            order, _ = greedy_obs_(
+                work, hessian, _unit_columns(block), counts[name], greedy_step(block.units), torch.float32
+            )
+            weight.copy_(work)
+            offset = cast(int, block.unit_offset)
+            removed[BLOCK_UNIT[block.kind]][offset + order.to(removed[BLOCK_UNIT[block.kind]].device)] = True
+
+        sequential_calibration(trainer, network, source, names, prune, owner=owner, percdamp=config.percdamp)
+        gates.fix_units_(removed)
+        if self.state["phase"] == SEARCH and config.freeze_on_target and self.target_met():
+            self.freeze()
+        return counts
+
+    def _calibration_source(
+        self, network: nn.Module, trainer: Trainer | None, batches: Iterable[Any] | None, owner: str
+    ) -> Iterable[Any]:
+        count = self.config.calibration_batches
+        if batches is None:
+            return calibration_batches(trainer, count, owner)
+        device = next((p.device for p in network.parameters()), torch.device("cpu"))
+        return (move_data_to_device(b, device) for _, b in zip(range(count), batches))
+
+    def _allocate(
+        self, network: nn.Module, blocks: list[GatedBlock], curves: Mapping[str, Tensor]
+    ) -> list[int]:
+        """Units each block loses (``allocation``) so that ``target_sparsity`` of the layer parameters go."""
+        gates, config = self._live, self.config
+        layers = None
+        if config.allocation == "uniform":
+            layer_of = {b.name: b.layer_path for b in resolve_blocks(network, gates.architecture)}
+            paths = list(dict.fromkeys(layer_of[b.name] for b in blocks))
+            layers = [paths.index(layer_of[b.name]) for b in blocks]
+        return allocate(
+            [curves[b.output] for b in blocks],
+            [b.unit_params for b in blocks],
+            [b.const_params for b in blocks],
+            config.target_sparsity,
+            gates.layer_params,
+            layers,
+        )
 
     def _ensure_hooks(self, pl_module: LightningModule) -> None:
         """Re-hook the gates when a later callback replaced a gated projection (e.g. a fake-quant

@@ -61,6 +61,8 @@ BLOCK_KINDS = tuple(BLOCK_GATE.values())  # ("attention_layers", "ffn_layers")
 BETA = 2.0 / 3.0
 LIMIT_L = -0.1  # γ: stretch below 0 so that z = 0 has positive probability
 LIMIT_R = 1.1  # ζ: stretch above 1 so that z = 1 has positive probability
+CLOSED_LOGIT = -30.0  # a gate closed by a one-shot prune: P(z≠0) ≈ 5e-13, its gradient vanishes
+OPEN_MARGIN = 6.0  # a gate kept by a one-shot prune: log_alpha >= certain_on() + this, P(z≠0) > 0.9999
 _EPS = 1e-6
 
 
@@ -448,6 +450,31 @@ class GateSet(nn.Module):
             )
             log_alpha.add_(spread * ranks / max(1, n - 1))
 
+    @torch.no_grad()
+    def fix_units_(self, removed: Mapping[str, Tensor], margin: float = OPEN_MARGIN) -> None:
+        """Close the ``removed`` units for good and open every other gate with certainty: per unit kind,
+        ``log_alpha`` of a removed unit becomes :data:`CLOSED_LOGIT` (``P(z≠0)`` ≈ 0, deterministic
+        gate 0, no gradient to reopen it) and every other gate of every kind, block gates included,
+        at least ``certain_on() + margin`` (deterministic value exactly 1, ``P(z≠0)`` ≈ 1), so the
+        expected and the deterministic size agree. Clears the gates' Adam moments.
+
+        Raises:
+            ValueError: a kind that is not gated, or a mask of the wrong shape.
+        """
+        for kind, mask in removed.items():
+            if kind not in self.gates:
+                raise ValueError(f"no {kind!r} gates here; gated kinds: {list(self.gates)}")
+            if mask.shape != self._gate_map()[kind].log_alpha.shape:
+                raise ValueError(
+                    f"{kind}: a mask of shape {tuple(mask.shape)} for {self._gate_map()[kind].log_alpha.numel()} gates"
+                )
+        for kind, gate in self._gate_map().items():
+            gate.log_alpha.clamp_(min=gate.certain_on() + margin)
+            if kind in removed:
+                gate.log_alpha.masked_fill_(removed[kind].to(gate.log_alpha.device), CLOSED_LOGIT)
+            self._moment_map()[kind].reset_()
+        self._values = {}
+
     def gate_parameters(self) -> list[nn.Parameter]:
         """The ``log_alpha`` of every kind."""
         return [gate.log_alpha for gate in self._gate_map().values()]
@@ -648,8 +675,12 @@ def _gated_blocks(blocks: list[Block], enabled: set[str]) -> tuple[list[GatedBlo
 
 #: What structured pruning may remove by default: heads, FFN neurons and whole attention/FFN blocks.
 DEFAULT_UNITS = ("heads", "neurons", "attention_layers", "ffn_layers")
-#: Gate initialisations: every gate alike, or ordered by first-order importance on calibration batches.
-INITS = ("uniform", "taylor")
+#: Gate initialisations: every gate alike, ordered by first-order importance on calibration batches,
+#: or a one-shot structured OBS prune to the target (removed units closed, kept projections refit).
+INITS = ("uniform", "taylor", "obs")
+#: How ``init="obs"`` spreads the removals: cheapest per parameter over all layers, or the same
+#: fraction of every layer.
+ALLOCATIONS = ("global", "uniform")
 
 
 @dataclass(frozen=True)
@@ -694,10 +725,18 @@ class StructuredConfig(TechniqueConfig):
     #: 0.05 — initial drop rate of every gate, in (0, 1): ``log_alpha = log((1−d)/d)``.
     droprate_init: float = 0.05
     #: ``"taylor"`` — gate initialisation: ``taylor`` (ordered by ``|Σ ∂loss/∂z|`` on calibration
-    #: batches at the start of training) or ``uniform`` (every gate at ``droprate_init``).
+    #: batches at the start of training), ``uniform`` (every gate at ``droprate_init``) or ``obs``
+    #: (at the start of training, a one-shot structured OBS prune to ``target_sparsity``: the units
+    #: with the least reconstruction error of their output projection close, that projection's kept
+    #: columns are refit by least squares; heads and/or neurons must be among ``units``).
     init: str = "taylor"
-    #: 8 — training batches scored by ``init="taylor"`` (integer >= 1).
+    #: 8 — training batches scored by ``init="taylor"`` / calibrated on by ``init="obs"`` (integer >= 1).
     calibration_batches: int = 8
+    #: 0.01 — ``init="obs"``: damping of the input Hessians, a fraction of the mean diagonal (>= 0).
+    percdamp: float = 0.01
+    #: ``"global"`` — ``init="obs"``: ``global`` ranks every removal of every layer by its OBS error per
+    #: parameter (ZipLM); ``uniform`` removes ``target_sparsity`` of each layer's parameters.
+    allocation: str = "global"
     #: 4.0 — ``init="taylor"``: logit added to the most important unit of each kind (> 0).
     init_spread: float = 4.0
     #: 2/3 — hard-concrete temperature β (> 0).
@@ -739,7 +778,11 @@ class StructuredConfig(TechniqueConfig):
                 raise ValueError(f"{field}: must be > 0, or null, got {value!r}")
         check_gate_args(self.droprate_init, self.beta, self.limit_l, self.limit_r)
         check_choice("init", self.init, INITS)
+        if self.init == "obs":
+            self._check_obs()
         check_int("calibration_batches", self.calibration_batches, 1)
+        check_number("percdamp", self.percdamp, 0)
+        check_choice("allocation", self.allocation, ALLOCATIONS)
         check_number("init_spread", self.init_spread, 0, open_low=True)
         for field in ("dual_restart", "freeze_on_target"):
             check_choice(field, getattr(self, field), (True, False))
@@ -751,6 +794,17 @@ class StructuredConfig(TechniqueConfig):
             raise ValueError(f"tolerance: must lie in [0, 1), got {self.tolerance!r}")
         check_architecture_arg(self.architecture, "architecture")
         check_int("seed", self.seed, 0)
+
+    def _check_obs(self) -> None:
+        count = self.calibration_batches
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(
+                f"calibration_batches: init='obs' needs >= 1 training batch to calibrate on, got {count!r}"
+            )
+        if not set(self.units) & {"heads", "neurons"}:
+            raise ValueError(
+                f"units: init='obs' removes heads and neurons; add at least one of them, got {list(self.units)}"
+            )
 
     @property
     def multiplier_lr(self) -> float | None:

@@ -7,6 +7,11 @@ are Mixtures of Experts", Findings of ACL 2022).
   :func:`coactivation_partition` (balanced kernel k-means on the co-activation graph measured on
   data), or :func:`random_partition` (baseline). :func:`partition_permutation` turns labels into a
   neuron order in which every expert is a contiguous slice.
+* Carved MoE (CMoE, Pei et al. 2025, gated FFNs without ReLU-fication): :func:`carve_partition` makes
+  the most often active neurons (:func:`activation_markers`) ``shared_experts`` always-on experts and
+  groups the rest by co-activation into balanced routed experts, each with a representative neuron;
+  :class:`RepresentativeRouter` scores an expert by its representative's activation (no training).
+  A token then computes ``(shared_experts + top_k) / num_experts`` of the FFN.
 * :class:`MoEFFN` replaces a dense FFN (gated SwiGLU/GeGLU or plain ``act(fc)``), reusing its Linear
   (or GPT-2 ``Conv1D``) modules under their original names. :meth:`MoEFFN.permute_` reorders the
   neurons physically (gate/up rows, down columns, optimizer moments too), which leaves the dense
@@ -61,21 +66,25 @@ from lightcook.ops.config import TechniqueConfig, check_choice, check_int, check
 from lightcook.ops.names import is_conv1d
 from lightcook.ops.quant import effective_weight, fake_quant, fake_quant_input, input_quantization
 
-PARTITIONS = ("kmeans", "coactivation", "random")
-ROUTERS = ("mlp", "centroid", "oracle", "random")
+PARTITIONS = ("kmeans", "coactivation", "random", "carve")
+ROUTERS = ("mlp", "centroid", "oracle", "random", "representative")
 
 __all__ = [
     "PARTITIONS",
     "ROUTERS",
     "CentroidRouter",
     "MLPRouter",
+    "RepresentativeRouter",
     "MoEFFN",
     "OracleRouter",
     "RandomRouter",
+    "activation_markers",
     "activation_sparsity",
     "balanced_assign",
     "balanced_kmeans",
+    "carve_partition",
     "coactivation_partition",
+    "fit_representative_router",
     "expert_mass",
     "fit_centroid_router",
     "make_router",
@@ -284,6 +293,98 @@ def partition_permutation(labels: Tensor, num_experts: int) -> Tensor:
     return labels.argsort(stable=True)
 
 
+def activation_markers(h: Tensor, active: int) -> Tensor:
+    """``(N, d_ff)`` float 0/1: which neurons are *active* for each token — its ``active`` neurons of
+    largest ``|h|`` (CMoE's activation markers; ties broken by :func:`torch.topk`).
+
+    Example:
+        >>> activation_markers(torch.tensor([[0.1, -3.0, 2.0], [5.0, 0.0, 1.0]]), 2).tolist()
+        [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
+    """
+    a = h.detach().abs().float()  # (N, d_ff)
+    top = a.topk(max(1, min(active, a.shape[1])), dim=1).indices  # (N, K)
+    return torch.zeros_like(a).scatter_(1, top, 1.0)
+
+
+def carve_partition(
+    gram: Tensor, num_experts: int, shared_experts: int, iters: int = 20
+) -> tuple[Tensor, Tensor]:
+    """CMoE's carving (Pei et al. 2025): ``shared_experts`` always-on experts of the most often active
+    neurons, the rest grouped into equal routed experts of neurons active on the same tokens.
+
+    ``gram = MᵀM`` of the 0/1 activation markers ``M`` ``(tokens, d_ff)`` (:func:`activation_markers`),
+    so ``gram[i, i]`` is how often neuron ``i`` was active. The ``shared_experts * m`` most active
+    neurons (``m = d_ff / num_experts``; ties: lower index) become the shared experts. The other neurons
+    are clustered by the L1 distance of their marker vectors, computed from ``gram`` alone
+    (``|x_i - c|₁ = |x_i| + |c| - 2 x_i·c`` with ``c`` the mean marker vector of a cluster): the
+    centroids start at the most active remaining neurons, then balanced assignments
+    (:func:`balanced_assign`, exactly ``m`` neurons per expert) alternate with centroid updates until
+    the assignment repeats or ``iters`` is reached. Each routed expert's *representative* is its
+    neuron closest to its centroid; the router scores experts by their representatives.
+
+    Args:
+        gram: ``(d_ff, d_ff)`` marker co-occurrence counts.
+        num_experts: ``E``, shared plus routed; must divide ``d_ff``.
+        shared_experts: ``S``, ``0 <= S < E``.
+        iters: maximum assignment rounds (>= 1).
+
+    Returns:
+        ``labels`` ``(d_ff,)``: experts ``0 .. S-1`` are the shared ones (by decreasing activity),
+        ``S .. E-1`` the routed ones; ``representatives`` ``(E - S,)``: the original index of each
+        routed expert's representative neuron.
+
+    Raises:
+        ValueError: not square, ``num_experts`` not dividing ``d_ff``, or ``shared_experts`` out of range.
+
+    Example:
+        >>> m = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 1, 1.0]])  # (tokens, d_ff)
+        >>> labels, reps = carve_partition(m.T @ m, 3, 1)
+        >>> labels.tolist(), sorted(reps.tolist())[0] in (2, 3)
+        ([0, 0, 2, 2, 1, 1], True)
+    """
+    n = gram.shape[0]
+    if gram.shape != (n, n):
+        raise ValueError(f"carve_partition: expected a square matrix, got {tuple(gram.shape)}")
+    m = _check_split(n, num_experts)
+    if not 0 <= shared_experts < num_experts:
+        raise ValueError(f"shared_experts: must be in [0, {num_experts - 1}], got {shared_experts}")
+    g = gram.detach().double().cpu()
+    counts = g.diagonal().clone()  # (d_ff,) tokens each neuron was active on (exact in float64)
+    order = torch.sort(counts, descending=True, stable=True).indices
+    shared, rest = order[: shared_experts * m], order[shared_experts * m :]
+    routed = num_experts - shared_experts
+    labels = torch.empty(n, dtype=torch.long)
+    labels[shared] = torch.arange(shared.numel()) // m
+    sub, norms = g[rest][:, rest].float(), counts[rest].float()  # (n_r, n_r), (n_r,): fast matmuls
+    members = torch.arange(routed)[:, None]  # start: the most active remaining neurons (rest is sorted)
+    assign: Tensor | None = None
+    for _ in range(max(1, iters)):
+        dist = _l1_to_centroids(sub, norms, members)  # (n_r, R)
+        new = balanced_assign(dist, m)
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        members = assign.argsort(stable=True).view(routed, m)  # (R, m) positions in rest
+    final = cast(Tensor, assign)
+    members = final.argsort(stable=True).view(routed, m)
+    dist = _l1_to_centroids(sub, norms, members)  # (n_r, R)
+    own = dist.gather(1, final[:, None]).squeeze(1)  # (n_r,) distance to the own centroid
+    reps = torch.stack([members[e][own[members[e]].argmin()] for e in range(routed)])
+    labels[rest] = shared_experts + final
+    return labels, rest[reps]
+
+
+def _l1_to_centroids(gram: Tensor, norms: Tensor, members: Tensor) -> Tensor:
+    """``(n, R)`` L1 distance of every 0/1 marker vector to each cluster's mean marker vector, from the
+    co-occurrence counts alone; ``members`` ``(R, size)`` indexes the clusters' rows."""
+    routed, size_e = members.shape
+    share = torch.zeros(gram.shape[0], routed, dtype=gram.dtype)  # (n, R): 1/size where i is in e
+    share[members.reshape(-1), torch.arange(routed).repeat_interleave(size_e)] = 1.0 / size_e
+    dot = gram @ share  # (n, R): x_i · c_e
+    size = norms @ share  # (R,): |c_e|
+    return norms[:, None] + size[None, :] - 2.0 * dot
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -371,6 +472,42 @@ class CentroidRouter(nn.Module):
         return x @ self.centroids.to(x.dtype).t()
 
 
+class RepresentativeRouter(nn.Module):
+    """CMoE's analytic router: expert ``e`` scores ``|act(ĝ_e · x̂) (û_e · x̂)|``, the activation of its
+    representative neuron with the input and that neuron's gate / up rows L2-normalised.
+
+    ``gate`` and ``up`` ``(E, d)`` are parameters (trainable with ``router_finetune``); they are set
+    from the representatives by :func:`fit_representative_router`, with no training.
+
+    Example:
+        >>> r = RepresentativeRouter(8, 4); r(torch.randn(3, 8)).shape, r.gate.shape
+        (torch.Size([3, 4]), torch.Size([4, 8]))
+    """
+
+    needs_activations = False
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, activation: Callable[[Tensor], Tensor] = F.silu
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.act = activation
+        self.gate = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.up = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, d) -> (N, E)
+        xn = F.normalize(x, dim=-1)
+        return (self.act(xn @ self.gate.to(x.dtype).t()) * (xn @ self.up.to(x.dtype).t())).abs()
+
+
+@torch.no_grad()
+def fit_representative_router(router: RepresentativeRouter, gate_rows: Tensor, up_rows: Tensor) -> None:
+    """Set the router's rows to the L2-normalised gate / up rows ``(E, d)`` of the experts'
+    representative neurons (:func:`carve_partition`)."""
+    router.gate.copy_(F.normalize(gate_rows.detach().float(), dim=1))
+    router.up.copy_(F.normalize(up_rows.detach().float(), dim=1))
+
+
 class OracleRouter(nn.Module):
     """Ground truth: scores are the experts' activation masses (:func:`expert_mass`); the MoE FFN
     computes the dense activations to get them, so it is for evaluation, never faster."""
@@ -398,8 +535,15 @@ class RandomRouter(nn.Module):
         return torch.rand(x.shape[0], self.num_experts, device=x.device)
 
 
-def make_router(kind: str, hidden_size: int, num_experts: int, hidden: int = 128) -> nn.Module:
-    """A fresh (untrained) router of ``kind`` (one of :data:`ROUTERS`).
+def make_router(
+    kind: str,
+    hidden_size: int,
+    num_experts: int,
+    hidden: int = 128,
+    activation: Callable[[Tensor], Tensor] = F.silu,
+) -> nn.Module:
+    """A fresh (untrained) router of ``kind`` (one of :data:`ROUTERS`); ``activation``: the FFN's, for
+    the representative router.
 
     Raises:
         ValueError: unknown kind (lists the allowed ones).
@@ -412,12 +556,20 @@ def make_router(kind: str, hidden_size: int, num_experts: int, hidden: int = 128
         return OracleRouter(num_experts)
     if kind == "random":
         return RandomRouter(num_experts)
+    if kind == "representative":
+        return RepresentativeRouter(hidden_size, num_experts, activation)
     raise ValueError(f"router: got {kind!r}, allowed: {', '.join(ROUTERS)}")
 
 
 def router_kind(router: nn.Module) -> str:
     """The :data:`ROUTERS` name of a router module."""
-    kinds = {MLPRouter: "mlp", CentroidRouter: "centroid", OracleRouter: "oracle", RandomRouter: "random"}
+    kinds = {
+        MLPRouter: "mlp",
+        CentroidRouter: "centroid",
+        OracleRouter: "oracle",
+        RandomRouter: "random",
+        RepresentativeRouter: "representative",
+    }
     return kinds[type(router)]
 
 
@@ -533,25 +685,33 @@ class MoEFFN(nn.Module):
       until :meth:`permute_`);
     * ``routed`` (buffer, bool): route (``True``) or behave exactly as the dense FFN (``False``);
     * ``relu`` (buffer, bool): use ReLU instead of the original activation (ReLU-fication);
-    * ``router``: the router submodule (its parameters/buffers are part of the state dict).
+    * ``router``: the router submodule (its parameters/buffers are part of the state dict), scoring
+      the ``E - shared_experts`` routed experts.
+
+    With ``shared_experts = S > 0`` (carved MoE, :func:`carve_partition`) the first ``S`` experts (neuron
+    positions ``[0, S*m)``) are *shared*: every token computes them; the router picks ``top_k`` of the
+    other ``E - S`` experts, so a token computes ``(S + top_k) / E`` of the FFN (:attr:`compute_fraction`).
 
     Args:
         inputs: name → module producing the neurons, the activated (gate) projection first.
         output: ``(name, module)`` of the projection reading the neurons.
         activation: the original activation callable.
         num_experts: ``E``; must divide the intermediate size.
-        top_k: experts used per token, ``1 <= top_k <= E`` (changeable later: :func:`set_top_k`).
-        router: from :func:`make_router`.
+        top_k: routed experts used per token, ``1 <= top_k <= E - shared_experts`` (changeable later:
+            :func:`set_top_k`).
+        router: from :func:`make_router`, over the ``E - shared_experts`` routed experts.
         gated: ``act(inputs[0](x)) * inputs[1](x)`` (SwiGLU) instead of ``act(inputs[0](x))``.
         dropout: applied to the output in training (the original FFN's dropout, if any).
         buckets: at most this many expert groups per sparse forward (experts sorted by load, each
             group padded to its largest load; two ``bmm`` per group).
         router_loss_weight: weight of the router-regression gradient while training routed
             (0: routers are not fine-tuned).
+        shared_experts: ``S``, always-on experts, ``0 <= S < E``.
 
     Raises:
-        ValueError: ``num_experts`` does not divide the intermediate size; ``top_k`` out of range;
-            a gated FFN without two input projections.
+        ValueError: ``num_experts`` does not divide the intermediate size; ``top_k`` or
+            ``shared_experts`` out of range; a router not over ``E - S`` experts; a gated FFN without
+            two input projections.
     """
 
     perm: Tensor
@@ -571,6 +731,7 @@ class MoEFFN(nn.Module):
         dropout: nn.Module | None = None,
         buckets: int = 16,
         router_loss_weight: float = 0.0,
+        shared_experts: int = 0,
     ) -> None:
         super().__init__()
         names = list(inputs)
@@ -585,12 +746,22 @@ class MoEFFN(nn.Module):
         self.d_ff = int(_rows(inputs[names[0]]).shape[0])
         _check_split(self.d_ff, num_experts)
         self.num_experts, self.expert_size = num_experts, self.d_ff // num_experts
+        if isinstance(shared_experts, bool) or not isinstance(shared_experts, int):
+            raise ValueError(f"shared_experts: must be an integer, got {shared_experts!r}")
+        if not 0 <= shared_experts < num_experts:
+            raise ValueError(f"shared_experts: must be in [0, {num_experts - 1}], got {shared_experts}")
+        self.shared_experts = shared_experts
+        self.routed_experts = num_experts - shared_experts
+        if getattr(router, "num_experts", self.routed_experts) != self.routed_experts:
+            raise ValueError(
+                f"router: scores {router.num_experts} experts, expected the {self.routed_experts} routed ones"
+            )
         self.set_top_k(top_k)
         self.buckets, self.router_loss_weight = buckets, router_loss_weight
         self.register_buffer("perm", torch.arange(self.d_ff))
         self.register_buffer("routed", torch.tensor(False))
         self.register_buffer("relu", torch.tensor(False))
-        self.load_counts = torch.zeros(num_experts, dtype=torch.long)  # tokens per expert since reset
+        self.load_counts = torch.zeros(self.routed_experts, dtype=torch.long)  # tokens per routed expert
         self.last_router_loss: float | None = None
         #: The router loss of the last training forward (with its graph), until :func:`router_aux_loss`
         #: takes it; overwritten by the next forward, so it never holds more than one graph.
@@ -611,6 +782,7 @@ class MoEFFN(nn.Module):
         router_hidden: int = 128,
         buckets: int = 16,
         router_loss_weight: float = 0.0,
+        shared_experts: int = 0,
     ) -> MoEFFN:
         """Build the MoE FFN around the projections of a dense FFN module (which it replaces).
 
@@ -620,7 +792,7 @@ class MoEFFN(nn.Module):
             output: attribute name of the output projection.
             activation: attribute name of the activation callable.
             gated: SwiGLU-style ``act(gate) * up``.
-            num_experts, top_k, buckets, router_loss_weight: as in :class:`MoEFFN`.
+            num_experts, top_k, buckets, router_loss_weight, shared_experts: as in :class:`MoEFFN`.
             router: one of :data:`ROUTERS`; ``router_hidden``: hidden width of the MLP router.
 
         Raises:
@@ -630,7 +802,9 @@ class MoEFFN(nn.Module):
         first = ins[inputs[0]]
         d_model = int(_rows(first).shape[1])
         weight = cast(Tensor, first.weight)
-        made = make_router(router, d_model, num_experts, router_hidden).to(weight.device, weight.dtype)
+        act = getattr(ffn, activation)
+        routed = num_experts - shared_experts
+        made = make_router(router, d_model, routed, router_hidden, act).to(weight.device, weight.dtype)
         dropout = getattr(ffn, "dropout", None)
         moe = cls(
             ins,
@@ -643,6 +817,7 @@ class MoEFFN(nn.Module):
             dropout if isinstance(dropout, nn.Dropout) else None,
             buckets,
             router_loss_weight,
+            shared_experts,
         )
         moe.activation_name = activation
         return moe.train(ffn.training)
@@ -661,19 +836,30 @@ class MoEFFN(nn.Module):
             "buckets": self.buckets,
             "d_ff": self.d_ff,
             "relu": bool(self.relu),
+            "shared_experts": self.shared_experts,
         }
 
     # ------------------------------------------------------------------ configuration
 
     def set_top_k(self, top_k: int) -> None:
-        """Use ``top_k`` experts per token.
+        """Use ``top_k`` routed experts per token.
 
         Raises:
-            ValueError: not in ``[1, num_experts]``.
+            ValueError: not in ``[1, num_experts - shared_experts]``.
         """
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.num_experts:
-            raise ValueError(f"top_k must be an integer in [1, {self.num_experts}], got {top_k!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.routed_experts:
+            raise ValueError(f"top_k must be an integer in [1, {self.routed_experts}], got {top_k!r}")
         self.top_k = top_k
+
+    @property
+    def compute_fraction(self) -> float:
+        """Share of the FFN each token computes once routed: ``(shared_experts + top_k) / num_experts``."""
+        return (self.shared_experts + self.top_k) / self.num_experts
+
+    @property
+    def shared_size(self) -> int:
+        """Neurons of the shared experts (the first ``shared_experts * expert_size`` positions)."""
+        return self.shared_experts * self.expert_size
 
     def set_routed(self, routed: bool) -> None:
         """Route (``True``) or compute the dense FFN (``False``)."""
@@ -687,13 +873,29 @@ class MoEFFN(nn.Module):
         """The activated projection's weight as ``(d_ff, d)`` rows, in the current neuron order."""
         return _rows(getattr(self, self.input_names[0])).detach()
 
+    def up_rows(self) -> Tensor:
+        """The (gated FFN's) up projection's weight as ``(d_ff, d)`` rows, in the current neuron order.
+
+        Raises:
+            ValueError: the FFN is not gated.
+        """
+        if not self.gated:
+            raise ValueError(
+                "split: carve needs a gated FFN (act(gate(x)) * up(x)); this one has no up projection"
+            )
+        return _rows(getattr(self, self.input_names[1])).detach()
+
     @property
     def projections(self) -> list[nn.Module]:
         """The input projections (gate first) followed by the output projection."""
         return [getattr(self, n) for n in self.input_names] + [getattr(self, self.output_name)]
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, expert_size={self.expert_size}, gated={self.gated}"
+        shared = f", shared={self.shared_experts}" if self.shared_experts else ""
+        return (
+            f"experts={self.num_experts}{shared}, top_k={self.top_k}, expert_size={self.expert_size}, "
+            f"gated={self.gated}"
+        )
 
     # ------------------------------------------------------------------ neuron permutation
 
@@ -785,7 +987,7 @@ class MoEFFN(nn.Module):
 
     def _select(self, scores: Tensor) -> Tensor:
         top = scores.topk(self.top_k, dim=1).indices  # (N, k)
-        self.load_counts += torch.bincount(top.reshape(-1).cpu(), minlength=self.num_experts)
+        self.load_counts += torch.bincount(top.reshape(-1).cpu(), minlength=self.routed_experts)
         return top
 
     def _masked(self, x: Tensor) -> Tensor:
@@ -793,14 +995,17 @@ class MoEFFN(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, d)
         h = self.intermediate(x2)  # (N, d_ff)
+        routed_h = h[:, self.shared_size :]  # (N, d_ff - S*m): the routed experts' neurons
         needs_h = getattr(self.router, "needs_activations", False)
-        scores = self.router(h.detach() if needs_h else x2)  # (N, E)
+        scores = self.router(routed_h.detach() if needs_h else x2)  # (N, E - S)
         top = self._select(scores)
-        mask = torch.zeros_like(scores, dtype=h.dtype).scatter_(1, top, 1.0)  # (N, E)
+        mask = torch.zeros_like(scores, dtype=h.dtype).scatter_(1, top, 1.0)  # (N, E - S)
+        if self.shared_experts:  # shared experts: always on
+            mask = torch.cat([mask.new_ones(mask.shape[0], self.shared_experts), mask], dim=1)  # (N, E)
         masked = (h.view(-1, self.num_experts, self.expert_size) * mask[:, :, None]).view(h.shape)
         out = getattr(self, self.output_name)(masked)
         if self.training and self.router_loss_weight > 0 and self._trainable_router() and not needs_h:
-            loss = self.router_loss_weight * router_loss(scores, expert_mass(h, self.num_experts))
+            loss = self.router_loss_weight * router_loss(scores, expert_mass(routed_h, self.routed_experts))
             self.last_router_loss = float(loss.detach())
             self.aux_loss = loss
         return out.view(*shape[:-1], out.shape[-1])
@@ -819,26 +1024,35 @@ class MoEFFN(nn.Module):
         ``dtype``: the compute dtype (integer layers dequantize to float32 otherwise).
 
         Returns:
-            ``in`` ``(E, j*m, d)``: each expert's activated-projection rows followed (gated, ``j = 2``)
-            by its up-projection rows; ``in_bias`` ``(E, j*m)`` or ``None``; ``down`` ``(E, m, d_out)``;
-            ``down_bias`` ``(d_out,)`` or ``None``.
+            ``in`` ``(E', j*m, d)``: each routed expert's activated-projection rows followed (gated,
+            ``j = 2``) by its up-projection rows (``E' = E - shared_experts``); ``in_bias`` ``(E', j*m)``
+            or ``None``; ``down`` ``(E', m, d_out)``; ``down_bias`` ``(d_out,)`` or ``None``; and for the
+            shared experts (``s = shared_experts * m`` neurons; ``None`` without them) ``shared_in``
+            ``(j*s, d)`` (all their activated rows, then all their up rows), ``shared_in_bias``
+            ``(j*s,)`` or ``None``, ``shared_down`` ``(s, d_out)``.
         """
         key = (*self._weight_key(), dtype)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        num, m = self.num_experts, self.expert_size
+        num, m, s = self.routed_experts, self.expert_size, self.shared_size
         ins = [getattr(self, n) for n in self.input_names]
         out = getattr(self, self.output_name)
+        in_w = [effective_weight(p) for p in ins]  # each (d_ff, d)
+        down_w = effective_weight(out).t()  # (d_ff, d_out)
         biases = [getattr(p, "bias", None) for p in ins]
+        in_b = None if biases[0] is None else [b.detach() for b in cast("list[Tensor]", biases)]
         weights: dict[str, Tensor | None] = {
-            "in": torch.cat([effective_weight(p).reshape(num, m, -1) for p in ins], dim=1).contiguous(),
+            "in": torch.cat([w[s:].reshape(num, m, -1) for w in in_w], dim=1).contiguous(),
             "in_bias": None
-            if biases[0] is None
-            else torch.cat(
-                [b.detach().reshape(num, m) for b in cast("list[Tensor]", biases)], dim=1
-            ).contiguous(),
-            "down": effective_weight(out).t().reshape(num, m, -1).contiguous(),
+            if in_b is None
+            else torch.cat([b[s:].reshape(num, m) for b in in_b], 1).contiguous(),
+            "down": down_w[s:].reshape(num, m, -1).contiguous(),
             "down_bias": None if getattr(out, "bias", None) is None else out.bias.detach(),
+            "shared_in": torch.cat([w[:s] for w in in_w]).contiguous() if s else None,
+            "shared_in_bias": torch.cat([b[:s] for b in in_b]).contiguous()
+            if s and in_b is not None
+            else None,
+            "shared_down": down_w[:s].contiguous() if s else None,
         }
         if dtype is not None:
             weights = {k: None if v is None else v.to(dtype) for k, v in weights.items()}
@@ -857,10 +1071,12 @@ class MoEFFN(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, d)
         n, k = x2.shape[0], self.top_k
-        top = self._select(self.router(x2))  # (N, k)
-        rows, sources, order, blocks = _route_plan(top, self.num_experts, self.buckets)
+        top = self._select(self.router(x2))  # (N, k) routed experts
+        if n == 1 and input_quantization(getattr(self, self.output_name)) is None:
+            return self._one_token(x2, top[0]).view(*shape[:-1], -1)  # decode: no routing plan
+        rows, sources, order, blocks = _route_plan(top, self.routed_experts, self.buckets)
         w = self.expert_weights(x2.dtype)
-        whole = bool(torch.equal(order, torch.arange(self.num_experts)))
+        whole = bool(torch.equal(order, torch.arange(self.routed_experts)))
         w_in, w_down = cast(Tensor, w["in"]), cast(Tensor, w["down"])  # never None
         w_in, w_down = (w_in, w_down) if whole else (_take(w_in, order), _take(w_down, order))
         xq = fake_quant_input(x2, input_quantization(getattr(self, self.input_names[0])))
@@ -874,8 +1090,9 @@ class MoEFFN(nn.Module):
             if (in_bias := w["in_bias"]) is not None:
                 hb += in_bias[order[first : first + count].to(x.device)][:, None, :]
         act = self._gated_activation(h)  # (R, m)
-        act = self._quantize_down_input(
-            act, rows.view(n, k), input_quantization(getattr(self, self.output_name))
+        shared = self._shared_activation(xq, w)  # (N, s) or None
+        act, shared = self._quantize_down_input(
+            act, rows.view(n, k), input_quantization(getattr(self, self.output_name)), shared
         )
         ys = _workspace("ys", (sources.numel(), w_down.shape[2]), x2)  # (R, d_out)
         for first, count, cap, start in blocks:
@@ -886,24 +1103,70 @@ class MoEFFN(nn.Module):
                 out=ys[start:end].view(count, cap, -1),
             )
         out = F.embedding_bag(rows.view(n, k), ys, mode="sum")  # (N, d_out): Σ_k of each token's rows
+        if shared is not None:  # the shared experts, computed by every token
+            out.addmm_(shared, cast(Tensor, w["shared_down"]))
         if w["down_bias"] is not None:
             out += w["down_bias"]
         return out.view(*shape[:-1], out.shape[-1])
 
+    def _one_token(self, x: Tensor, experts: Tensor) -> Tensor:
+        """One token (batch-1 decode): its shared experts, then each chosen expert's two matmuls on
+        views of the expert-major weights (no copies, no routing plan). ``x`` ``(1, d)`` -> ``(1, d_out)``."""
+        w = self.expert_weights(x.dtype)
+        xq = fake_quant_input(x, input_quantization(getattr(self, self.input_names[0])))
+        w_in, w_down, in_bias = cast(Tensor, w["in"]), cast(Tensor, w["down"]), w["in_bias"]
+        shared = self._shared_activation(xq, w)
+        out = xq.new_zeros(1, w_down.shape[2]) if shared is None else shared @ cast(Tensor, w["shared_down"])
+        for e in experts.tolist():
+            h = xq @ w_in[e].t()  # (1, j*m)
+            if in_bias is not None:
+                h += in_bias[e]
+            out.addmm_(self._gated_activation(h), w_down[e])
+        if w["down_bias"] is not None:
+            out += w["down_bias"]
+        return out
+
+    def _shared_activation(self, xq: Tensor, w: Mapping[str, Tensor | None]) -> Tensor | None:
+        """``act(gate) * up`` (or ``act(fc)``) of the shared experts' neurons for every token, ``(N, s)``."""
+        shared_in = w["shared_in"]
+        if shared_in is None:
+            return None
+        h = xq @ shared_in.t()  # (N, j*s)
+        if (bias := w["shared_in_bias"]) is not None:
+            h += bias
+        if not self.gated:
+            return self._activate_(h)
+        s = self.shared_size
+        act = self._activate_(h[:, :s])
+        return act.mul_(h[:, s:]) if act.data_ptr() == h.data_ptr() else act * h[:, s:]
+
     @staticmethod
-    def _quantize_down_input(act: Tensor, token_rows: Tensor, quantization: tuple | None) -> Tensor:
+    def _quantize_down_input(
+        act: Tensor, token_rows: Tensor, quantization: tuple | None, shared: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Fake-quantize the down projection's input rows as the dense layer would: per token over
-        its whole (mostly zero) intermediate vector, i.e. over that token's ``k`` expert rows."""
+        its whole (mostly zero) intermediate vector, i.e. over that token's ``k`` expert rows and its
+        shared-expert activations ``shared`` ``(N, s)``; returns both."""
         if quantization is None or quantization[0] != "dynamic":
-            return fake_quant_input(act, quantization)
+            return fake_quant_input(act, quantization), (
+                None if shared is None else fake_quant_input(shared, quantization)
+            )
         bits = quantization[1]
         qmax = 2 ** (bits - 1) - 1
         compute = act if act.dtype in (torch.float32, torch.float64) else act.float()
         token_max = compute.abs().amax(1)[token_rows].amax(1)  # (N,): max over the token's k rows
+        if shared is not None:
+            token_max = torch.maximum(token_max, shared.abs().amax(1).to(token_max.dtype))
         row_max = torch.zeros(compute.shape[0], dtype=compute.dtype, device=compute.device)
         row_max[token_rows.reshape(-1)] = token_max.repeat_interleave(token_rows.shape[1])
-        scale = (row_max / qmax).clamp_min(torch.finfo(compute.dtype).tiny)[:, None]
-        return fake_quant(compute, scale, 0.0, -qmax, qmax).to(act.dtype)
+        tiny = torch.finfo(compute.dtype).tiny
+        scale = (row_max / qmax).clamp_min(tiny)[:, None]
+        quantized = fake_quant(compute, scale, 0.0, -qmax, qmax).to(act.dtype)
+        if shared is None:
+            return quantized, None
+        shared_c = shared.to(compute.dtype)
+        token_scale = (token_max / qmax).clamp_min(tiny)[:, None]
+        return quantized, fake_quant(shared_c, token_scale, 0.0, -qmax, qmax).to(shared.dtype)
 
     def _gated_activation(self, h: Tensor) -> Tensor:
         """``act(gate) * up`` (gated) or ``act(h)`` on the workspace rows ``h`` ``(R, j*m)``, in place
@@ -1040,13 +1303,14 @@ def moe_modules(model: nn.Module) -> dict[str, MoEFFN]:
 
 
 def set_top_k(model: nn.Module, top_k: int | float) -> None:
-    """Set every MoE FFN of ``model`` to ``top_k`` experts (an int, or a fraction of ``E`` in (0, 1]).
+    """Set every MoE FFN of ``model`` to ``top_k`` routed experts (an int, or a fraction in (0, 1] of
+    its ``E - shared_experts`` routed experts).
 
     Raises:
         ValueError: the resulting ``top_k`` is out of range for a layer.
     """
     for module in moe_modules(model).values():
-        k = top_k if isinstance(top_k, int) else max(1, round(top_k * module.num_experts))
+        k = top_k if isinstance(top_k, int) else max(1, round(top_k * module.routed_experts))
         module.set_top_k(k)
 
 
@@ -1085,12 +1349,18 @@ class MoEConfig(TechniqueConfig):
     """MoEfication settings: split each dense FFN into ``num_experts`` equal experts and compute only
     the ``top_k`` a router picks per token. Each field: default, meaning, allowed values.
 
+    The share of each FFN a token computes is ``(shared_experts + top_k) / num_experts``
+    (:attr:`ffn_param_fraction`): e.g. 32 experts, 4 shared, top 4 routed → 8/32 = 25%.
+
     Raises:
         ValueError: a field outside its allowed values, ``<field>: ...`` (the callback prefixes
-            ``compress.moe.``), e.g. ``top_k > num_experts``.
+            ``compress.moe.``), e.g. ``top_k > num_experts``, ``shared_experts >= num_experts``,
+            ``shared_experts`` without ``split: carve``, ``router: representative`` without it.
 
     Example:
-        >>> MoEConfig(num_experts=16, top_k=4).top_k / 16
+        >>> MoEConfig(num_experts=16, top_k=4).ffn_param_fraction
+        0.25
+        >>> MoEConfig(num_experts=32, top_k=4, split="carve", shared_experts=4, router="representative").ffn_param_fraction
         0.25
         >>> MoEConfig(num_experts=8, top_k=9)
         Traceback (most recent call last):
@@ -1098,20 +1368,31 @@ class MoEConfig(TechniqueConfig):
         ValueError: top_k: must be <= num_experts (8), got 9
     """
 
-    SHAPE_FIELDS = ("num_experts", "top_k", "router", "router_hidden", "architecture")
+    SHAPE_FIELDS = ("num_experts", "top_k", "router", "router_hidden", "architecture", "shared_experts")
 
-    #: 32 — experts per FFN (integer >= 1); must divide every FFN's intermediate size.
+    #: 32 — experts per FFN, shared plus routed (integer >= 1); must divide every FFN's intermediate size.
     num_experts: int = 32
-    #: 8 — experts per token, ``1 <= top_k <= num_experts``; ``top_k / num_experts`` is the share of
-    #: FFN weights used per token.
+    #: 8 — routed experts per token, ``1 <= top_k <= num_experts - shared_experts``; a token computes
+    #: ``(shared_experts + top_k) / num_experts`` of the FFN.
     top_k: int = 8
     #: ``"coactivation"`` — the partition: ``kmeans`` (balanced k-means over the neurons' normalised
     #: activated-projection rows), ``coactivation`` (balanced partition of the co-activation graph of the
-    #: captured activations) or ``random`` (baseline).
+    #: captured activations), ``random`` (baseline) or ``carve`` (CMoE, gated FFNs only: the most often
+    #: active neurons become ``shared_experts`` always-on experts, the rest are grouped by co-activation
+    #: into balanced routed experts; see :func:`carve_partition`).
     split: str = "coactivation"
+    #: 0 — always-on experts, computed by every token (integer, ``0 <= shared_experts < num_experts``);
+    #: only with ``split: carve`` (the other splits have no notion of an always-on neuron).
+    shared_experts: int = 0
+    #: 0.25 — with ``split: carve``: a neuron is *active* for a token when it is among the token's
+    #: ``active_fraction * d_ff`` neurons of largest ``|h|`` (in (0, 1]); activation rates and
+    #: co-activation are counted on these markers.
+    active_fraction: float = 0.25
     #: ``"mlp"`` — the router: ``mlp`` (trained to predict each expert's activation-mass share),
-    #: ``centroid`` (similarity to each expert's mean activated-projection row), ``oracle`` (the experts
-    #: with the largest activation mass: evaluation only, computes the dense FFN) or ``random``.
+    #: ``centroid`` (similarity to each expert's mean activated-projection row), ``representative``
+    #: (CMoE, ``split: carve`` only: ``|act(gate·x) up·x|`` of each expert's representative neuron,
+    #: built from the weights with no training), ``oracle`` (the experts with the largest activation
+    #: mass: evaluation only, computes the dense FFN) or ``random``.
     router: str = "mlp"
     #: 128 — hidden width of the MLP router (integer >= 1).
     router_hidden: int = 128
@@ -1156,6 +1437,26 @@ class MoEConfig(TechniqueConfig):
             check_int(field, getattr(self, field), 1)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k: must be <= num_experts ({self.num_experts}), got {self.top_k}")
+        check_int("shared_experts", self.shared_experts, 0)
+        if self.shared_experts >= self.num_experts:
+            raise ValueError(
+                f"shared_experts: must be < num_experts ({self.num_experts}), got {self.shared_experts}"
+            )
+        if self.shared_experts and self.split != "carve":
+            raise ValueError(
+                f"shared_experts: always-on experts need split=carve (got split={self.split!r}); set "
+                "shared_experts: 0 or split: carve"
+            )
+        if self.top_k > self.num_experts - self.shared_experts:
+            raise ValueError(
+                f"top_k: must be <= num_experts - shared_experts ({self.num_experts - self.shared_experts} "
+                f"routed experts), got {self.top_k}"
+            )
+        if self.router == "representative" and self.split != "carve":
+            raise ValueError(
+                f"router: representative needs split=carve (its representative neurons), got split={self.split!r}"
+            )
+        check_number("active_fraction", self.active_fraction, 0, 1, open_low=True)
         for field in ("router_steps", "split_step", "seed"):
             check_int(field, getattr(self, field), 0)
         check_number("router_lr", self.router_lr, 0, open_low=True)
@@ -1164,8 +1465,9 @@ class MoEConfig(TechniqueConfig):
 
     @property
     def ffn_param_fraction(self) -> float:
-        """Share of the FFN expert weights each token uses (``top_k / num_experts``)."""
-        return self.top_k / self.num_experts
+        """Share of the FFN expert weights each token uses, shared plus routed:
+        ``(shared_experts + top_k) / num_experts``."""
+        return (self.shared_experts + self.top_k) / self.num_experts
 
 
 def prepare_(network: nn.Module, config: MoEConfig, *, where: str = "") -> dict[str, MoEFFN]:
@@ -1185,8 +1487,9 @@ def prepare_(network: nn.Module, config: MoEConfig, *, where: str = "") -> dict[
         The MoE FFNs by qualified name.
 
     Raises:
-        ValueError: no recognisable FFN, ``num_experts`` not dividing an intermediate size, or an FFN
-            already split with other settings (messages start with the field).
+        ValueError: no recognisable FFN, ``num_experts`` not dividing an intermediate size, ``split:
+            carve`` on an FFN without a gate projection, or an FFN already split with other settings
+            (messages start with the field).
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -1205,12 +1508,18 @@ def prepare_(network: nn.Module, config: MoEConfig, *, where: str = "") -> dict[
 def _check_block(block: Block, config: MoEConfig) -> None:
     module = block.module
     if isinstance(module, MoEFFN):
-        if (module.num_experts, module.top_k) != (config.num_experts, config.top_k):
+        mine = (config.num_experts, config.top_k, config.shared_experts)
+        if (module.num_experts, module.top_k, module.shared_experts) != mine:
             raise ValueError(
                 f"num_experts: {block.name} is already split into {module.num_experts} experts "
-                f"(top {module.top_k}) by another MoEfication"
+                f"({module.shared_experts} shared, top {module.top_k}) by another MoEfication"
             )
         return
+    if config.split == "carve" and not cast(FFNLayout, block.layout).gated:
+        raise ValueError(
+            f"split: carve needs a gated FFN (down(act(gate(x)) * up(x)), e.g. Llama's SwiGLU); "
+            f"{block.name} has no gate projection ({type(module).__name__}); use split=coactivation or kmeans"
+        )
     if block.units % config.num_experts:
         divisors = [d for d in range(1, block.units + 1) if block.units % d == 0 and d <= 256]
         raise ValueError(
@@ -1235,6 +1544,7 @@ def _install(network: nn.Module, block: Block, config: MoEConfig) -> MoEFFN:
         config.router_hidden,
         config.buckets,
         config.router_loss_weight if config.router_finetune else 0.0,
+        config.shared_experts,
     )
     for param in moe.router.parameters():
         param.requires_grad_(config.router_finetune)
@@ -1370,13 +1680,18 @@ def split_(
         (True, True)
     """
     optimizers = list(optimizers)
-    labels = _partitions(network, moes, config, batches)
+    labels, reps, measured = _partitions(network, moes, config, batches)
     perms = [partition_permutation(lab, config.num_experts) for lab in labels]
     if sync is not None:
         perms = [p.to(torch.long) for p in sync([p.cpu() for p in perms])]
     for moe, perm in zip(moes.values(), perms):
         moe.permute_(perm, optimizers)
-    sparsity, losses, tokens = _fit_routers(network, moes, config, batches)
+    if reps is not None:  # representative routers: each expert's representative neuron, after the permutation
+        for moe, perm, rep in zip(moes.values(), perms, reps):
+            if isinstance(moe.router, RepresentativeRouter):
+                where = perm.argsort()[rep]  # new positions of the representatives
+                fit_representative_router(moe.router, moe.gate_rows()[where], moe.up_rows()[where])
+    sparsity, losses, tokens = _fit_routers(network, moes, config, batches, measured)
     if sync is not None:
         _sync_routers(moes, sync)
     for moe in moes.values():
@@ -1390,26 +1705,51 @@ def split_(
 
 def _partitions(
     network: nn.Module, moes: Mapping[str, MoEFFN], config: MoEConfig, batches: Sequence[Any]
-) -> list[Tensor]:
+) -> tuple[list[Tensor], list[Tensor] | None, tuple[dict[str, float], int] | None]:
+    """Labels per MoE FFN; with ``split: carve`` also each routed expert's representative neuron;
+    and, when the split captured activations, their sparsity and token count."""
     modules, experts, iters, seed = list(moes.values()), config.num_experts, config.kmeans_iters, config.seed
     if config.split == "random":
-        return [random_partition(m.d_ff, experts, seed + i) for i, m in enumerate(modules)]
+        return [random_partition(m.d_ff, experts, seed + i) for i, m in enumerate(modules)], None, None
     if config.split == "kmeans":
-        return [balanced_kmeans(m.gate_rows(), experts, iters, seed) for m in modules]
+        return [balanced_kmeans(m.gate_rows(), experts, iters, seed) for m in modules], None, None
     grams = [torch.zeros(m.d_ff, m.d_ff, dtype=torch.float64) for m in modules]
+    carve = config.split == "carve"
+    sums = {"zero_fraction": 0.0, "mass_fraction": 0.0}
 
     def collect(i: int, _x: Tensor, h: Tensor) -> None:
-        a = h.detach().abs().float()
+        for key, value in activation_sparsity(h).items():  # permutation-invariant: valid after the split
+            sums[key] += value * h.shape[0]
+        if carve:  # 0/1 activation markers: counts are exact in float32 per batch
+            a = activation_markers(h, max(1, round(config.active_fraction * h.shape[1])))
+        else:
+            a = h.detach().abs().float()
         grams[i] += (a.t() @ a).double().cpu()  # (d_ff, d_ff) co-activation, float64 running sum
 
-    capture_activations(network, modules, batches, collect)
-    return [coactivation_partition(g, experts, iters, seed) for g in grams]
+    tokens = capture_activations(network, modules, batches, collect)
+    measured = ({k: round(v / (tokens * len(modules)), 6) for k, v in sums.items()}, tokens)
+    if carve:
+        carved = [carve_partition(g, experts, config.shared_experts, iters) for g in grams]
+        return [c[0] for c in carved], [c[1] for c in carved], measured
+    return [coactivation_partition(g, experts, iters, seed) for g in grams], None, measured
 
 
 def _fit_routers(
-    network: nn.Module, moes: Mapping[str, MoEFFN], config: MoEConfig, batches: Sequence[Any]
+    network: nn.Module,
+    moes: Mapping[str, MoEFFN],
+    config: MoEConfig,
+    batches: Sequence[Any],
+    measured: tuple[dict[str, float], int] | None = None,
 ) -> tuple[dict[str, float], list[float], int]:
+    """Fit the routers (MLP: on a capture of the permuted FFNs; centroid: from the weights); the
+    sparsity of the captured activations (from ``measured`` when the split already captured them
+    and no MLP router needs a capture)."""
     modules = list(moes.values())
+    if measured is not None and config.router != "mlp":
+        for moe in modules:
+            if isinstance(moe.router, CentroidRouter):
+                fit_centroid_router(moe.router, moe.gate_rows()[moe.shared_size :])
+        return measured[0], [], measured[1]
     data: dict[int, list[tuple[Tensor, Tensor]]] = {i: [] for i in range(len(modules))}
     sums = {"zero_fraction": 0.0, "mass_fraction": 0.0}
 
@@ -1417,7 +1757,8 @@ def _fit_routers(
         for key, value in activation_sparsity(h).items():
             sums[key] += value * x.shape[0]
         if config.router == "mlp":
-            data[i].append((x.detach().float().cpu(), expert_mass(h, config.num_experts).cpu()))
+            routed = h[:, modules[i].shared_size :]  # the routed experts' neurons
+            data[i].append((x.detach().float().cpu(), expert_mass(routed, modules[i].routed_experts).cpu()))
 
     tokens = capture_activations(network, modules, batches, collect)
     losses = []
@@ -1428,7 +1769,7 @@ def _fit_routers(
             fit = (config.router_steps, config.router_lr, config.router_batch_size, config.seed + i)
             losses.append(train_mlp_router(moe.router, x, mass, *fit))
         elif isinstance(moe.router, CentroidRouter):
-            fit_centroid_router(moe.router, moe.gate_rows())
+            fit_centroid_router(moe.router, moe.gate_rows()[moe.shared_size :])
     sparsity = {k: round(v / (tokens * len(modules)), 6) for k, v in sums.items()}
     return sparsity, losses, tokens
 

@@ -328,12 +328,28 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):  # ~10 s on an idle 2-core machine
         ({"top_k": 1.5}, r"^compress\.moe\.top_k: must be an integer, got 1.5$"),
         (
             {"split": "spectral"},
-            r"^compress\.moe\.split: got 'spectral'; allowed: 'kmeans', 'coactivation', 'random'$",
+            r"^compress\.moe\.split: got 'spectral'; allowed: 'kmeans', 'coactivation', 'random', 'carve'$",
         ),
         (
             {"router": "gate"},
-            r"^compress\.moe\.router: got 'gate'; allowed: 'mlp', 'centroid', 'oracle', 'random'$",
+            r"^compress\.moe\.router: got 'gate'; allowed: 'mlp', 'centroid', 'oracle', 'random', "
+            r"'representative'$",
         ),
+        (
+            {"split": "carve", "num_experts": 8, "shared_experts": 8},
+            r"^compress\.moe\.shared_experts: must be < num_experts \(8\), got 8$",
+        ),
+        ({"split": "carve", "shared_experts": -1}, r"^compress\.moe\.shared_experts: must lie in \[0, inf\]"),
+        (
+            {"split": "coactivation", "shared_experts": 2},
+            r"^compress\.moe\.shared_experts: always-on experts need split=carve \(got split='coactivation'\)",
+        ),
+        ({"router": "representative"}, r"^compress\.moe\.router: representative needs split=carve"),
+        (
+            {"split": "carve", "num_experts": 8, "shared_experts": 2, "top_k": 7},
+            r"^compress\.moe\.top_k: must be <= num_experts - shared_experts \(6 routed experts\), got 7$",
+        ),
+        ({"split": "carve", "active_fraction": 1.5}, r"^compress\.moe\.active_fraction: must lie in"),
         ({"relufy": "yes"}, r"^compress\.moe\.relufy: got 'yes'; allowed: True, False$"),
         ({"router_finetune": 1}, r"^compress\.moe\.router_finetune: got 1; allowed: True, False$"),
         ({"plot": None}, r"^compress\.moe\.plot: got None; allowed: True, False$"),
@@ -491,3 +507,92 @@ def test_app_moe_run_exports_a_loadable_moe_model(compose):
         columns = next(csv.reader(f))
     assert {"moe/ffn_param_fraction", "moe/load_imbalance", "moe/load_imbalance/layer_1"} <= set(columns)
     assert "compress/moe/router" in columns
+
+
+# --------------------------------------------------------------------------- carved MoE (CMoE)
+
+
+def carve_cb(**kwargs) -> MoEficationCallback:
+    args = {"split": "carve", "shared_experts": 2, "router": "representative", "top_k": 2}
+    return small_cb(**{**args, **kwargs})
+
+
+def test_carve_with_every_routed_expert_is_the_dense_model(tmp_path):
+    module = tiny_module()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        dense = module.model.eval()(ids).logits  # the outside reference: the unchanged HF model
+    cb = carve_cb(top_k=6, router_finetune=False)  # 2 shared + all 6 routed = every neuron
+    make_trainer(tmp_path, [cb], max_steps=1, limit_train_batches=1).fit(module, token_loader())
+    assert cb.state["split_done"] and cb.summary()["ffn_param_fraction"] == 1.0
+    # one optimizer step changed the weights: compare the MoE model with its own weights computed densely
+    moes = list(cb.moe_modules.values())
+    with torch.no_grad():
+        routed = module.model.eval()(ids).logits
+        for moe in moes:
+            moe.set_routed(False)
+        torch.testing.assert_close(routed, module.model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert all(m.shared_experts == 2 and m.routed_experts == 6 for m in moes)
+    assert not torch.allclose(routed, dense, atol=1e-6)  # it did train a step
+
+
+def test_carve_at_25_percent_counts_shared_plus_routed(tmp_path):
+    cb = carve_cb(num_experts=8, shared_experts=1, top_k=1)  # (1 + 1) / 8
+    assert cb.ffn_param_fraction == 0.25
+    make_trainer(tmp_path, [cb], max_steps=2).fit(tiny_module(), token_loader())
+    summary, report = cb.summary(), json.loads((tmp_path / REPORT).read_text())
+    assert summary["ffn_param_fraction"] == report["ffn_param_fraction"] == 0.25
+    assert summary["shared_experts"] == report["shared_experts"] == 1
+    load = torch.tensor(report["expert_load"])  # routed experts only: each token picks top_k = 1
+    assert load.shape == (LAYERS, 7) and int(load.sum()) == 2 * 2 * 16 * 1 * LAYERS
+    assert all(m.compute_fraction == 0.25 for m in cb.moe_modules.values())
+    assert cb.adds_loss  # the representative routers are fine-tuned by default
+
+
+def test_carve_one_shot_without_a_trainer_matches_the_dense_model_with_all_experts():
+    module = tiny_module()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        dense = module.model.eval()(ids).logits
+    cb = carve_cb(top_k=6)
+    cb.prepare_model(None, module)
+    cb.split_experts(module, [next(iter(token_loader(1)))])
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(ids).logits, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_carve_on_gpt2_names_the_split(tmp_path):
+    module = CausalLMModule(
+        config={"model_type": "gpt2", "vocab_size": VOCAB, "n_embd": 32, "n_layer": 1, "n_head": 4},
+        tokenizer=None,
+    )
+    with pytest.raises(
+        ValueError, match=r"^compress\.moe\.split: carve needs a gated FFN .*no gate projection"
+    ):
+        make_trainer(tmp_path, [carve_cb()]).fit(module, token_loader())
+
+
+def _carve_resume_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
+    module = tiny_module()
+    cb = carve_cb(split_step=1, plot=False)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True)
+    extra = [CrashAt(crash_at)] if crash_at is not None else []
+    trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=6, enable_checkpointing=True)
+    trainer.fit(module, token_loader(4), ckpt_path=ckpt_path)
+    return module, cb
+
+
+def test_carve_crash_and_resume_matches_straight_run(tmp_path):
+    straight, cb_straight = _carve_resume_run(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _carve_resume_run(tmp_path / "crashed", crash_at=5)
+    last = tmp_path / "crashed" / "ckpt" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["callbacks"]["MoEficationCallback"]["split_done"] is True
+    assert ckpt["callbacks"]["MoEficationCallback"]["_config"]["shared_experts"] == 2
+    resumed, cb_resumed = _carve_resume_run(tmp_path / "crashed", ckpt_path=str(last))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and sum(k.endswith("router.gate") for k in a) == LAYERS
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert cb_resumed.state_dict() == cb_straight.state_dict()
+    assert cb_resumed.state["split_at_step"] == 1  # the resumed run did not carve again

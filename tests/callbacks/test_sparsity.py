@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from lightcook.callbacks.sparsity import SparsityCallback
 from lightcook.modules import CausalLMModule
 from lightcook.ops.sparsity import InputNormAccumulator, NMConfig, as_out_in, is_nm, nm_mask, wanda_scores
-from tests.helpers import CrashAt, make_trainer, token_loader
+from tests.helpers import CountPasses, CrashAt, make_trainer, token_loader
 from tests.helpers.quant_sparsity import (
     LLAMA_TARGETS,
     TINY,
@@ -597,7 +597,8 @@ def test_sparsegpt_one_shot_matches_the_ops_and_beats_wanda_and_magnitude(kind):
     def visit(name, layer, hessian):
         sparsegpt_(as_out_in(layer.weight.detach(), layer), hessian, n=2, m=4)
 
-    sequential_pass(reference.model.eval(), _calibration(), list(cb.layers), visit)
+    options = {"true_sequential": True, "dense_targets": True, "dense_damp": 0.01}  # the config's defaults
+    sequential_pass(reference.model.eval(), _calibration(), list(cb.layers), visit, **options)
     for name, layer in cb.layers.items():
         torch.testing.assert_close(layer.weight, reference.model.get_submodule(name).weight)
         kept = layer.weight_mask
@@ -612,22 +613,6 @@ def test_sparsegpt_unstructured_exact_sparsity(tmp_path):
     for layer in cb.layers.values():
         assert int((~layer.weight_mask).sum()) == round(0.6 * layer.weight_mask.numel())
     assert masked_out_is_zero(cb)
-
-
-class CountPasses:
-    """Wraps the real sequential pass the callback calls and counts the calls."""
-
-    def __init__(self, monkeypatch) -> None:
-        import lightcook.callbacks.base as module
-
-        self.calls = 0
-        real = module.sequential_pass
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(module, "sequential_pass", counted)
 
 
 def _sparsegpt_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):

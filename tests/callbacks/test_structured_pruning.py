@@ -18,9 +18,9 @@ from torch import nn
 from lightcook.callbacks.structured_pruning import StructuredPruningCallback
 from lightcook.export import load_compressed, read_manifest, save_compressed
 from lightcook.modules import CausalLMModule
-from lightcook.ops.architectures import layer_parameter_count
+from lightcook.ops.architectures import get_architecture, layer_parameter_count
 from lightcook.ops.hard_concrete import StructuredConfig
-from tests.helpers import CrashAt, make_trainer, token_loader
+from tests.helpers import CountPasses, CrashAt, make_trainer, token_loader
 from tests.helpers.structured_moe import (
     MYSTERY_IN_MODULE,
     TINY,
@@ -87,7 +87,23 @@ def tiny_module(kind: str = "llama", seed: int = 0) -> CausalLMModule:
             {"architecture": 3},
             r"^compress.structured.architecture: expected null, a layout name or a mapping",
         ),
-        ({"init": "magnitude"}, r"^compress.structured.init: got 'magnitude'; allowed: 'uniform', 'taylor'$"),
+        (
+            {"init": "magnitude"},
+            r"^compress.structured.init: got 'magnitude'; allowed: 'uniform', 'taylor', 'obs'$",
+        ),
+        (
+            {"init": "obs", "calibration_batches": 0},
+            r"^compress.structured.calibration_batches: init='obs' needs >= 1 training batch to calibrate on, got 0$",
+        ),
+        (
+            {"init": "obs", "units": ["attention_layers", "ffn_layers"]},
+            r"^compress.structured.units: init='obs' removes heads and neurons; add at least one of them",
+        ),
+        ({"percdamp": -0.1}, r"^compress.structured.percdamp: must lie in \[0, inf\], got -0.1$"),
+        (
+            {"allocation": "random"},
+            r"^compress.structured.allocation: got 'random'; allowed: 'global', 'uniform'$",
+        ),
         ({"calibration_batches": 0}, r"^compress.structured.calibration_batches: must lie in \[1, inf\]"),
         ({"init_spread": 0.0}, r"^compress.structured.init_spread: must be > 0"),
         (
@@ -682,3 +698,180 @@ def test_smollm2_gates_train_and_export(tmp_path):
     module.eval()
     with torch.no_grad():
         assert torch.allclose(sliced(ids).logits, module.model(ids).logits, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- init="obs": one-shot structured OBS
+
+
+def _obs(target: float = 0.4, **kwargs) -> StructuredPruningCallback:
+    options = {"init": "obs", "target_sparsity": target, "end_step": 0, "calibration_batches": 4, **kwargs}
+    return StructuredPruningCallback(**options)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def test_obs_one_shot_meets_the_target_freezes_and_the_sliced_export_is_the_gated_model(tmp_path):
+    """``init=obs, end_step=0`` in a real fit: the prune runs at train start, the gates are frozen at
+    step 0 at the target, and the export sliced from them computes what the gated model computes."""
+    module = tiny_module()
+    cb = _obs()
+    make_trainer(tmp_path, [cb], max_steps=2).fit(module, token_loader(4, batch_size=2, seq=32))
+    assert cb.state["phase"] == "fixed" and cb.state["frozen_at"] == 0 and cb.state["initialized"] is True
+    summary = cb.summary()
+    assert summary["target_met"] is True and 0.4 <= summary["reached_sparsity"] < 0.45, summary
+    assert summary["expected_sparsity"] == pytest.approx(summary["reached_sparsity"], abs=1e-3)
+    values = cb.gates.deterministic()
+    assert all(bool(((v == 0) | (v == 1)).all()) for v in values.values())  # closed, or fully open
+    ids = torch.randint(0, VOCAB, (2, 12))
+    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"))
+    torch.testing.assert_close(_logits(sliced, ids), _logits(module.model, ids), rtol=1e-5, atol=1e-5)
+    assert layer_parameter_count(sliced, cb.architecture) == summary["layer_parameters_deterministic"]
+
+
+def test_obs_init_outside_fit_refits_the_first_projection_by_least_squares():
+    """``obs_init`` after setup, no training step: layer 0's ``o_proj`` is exactly the least-squares
+    refit (``torch.linalg.lstsq`` on its raw inputs) of the kept heads' columns; the cut ones are 0."""
+    module = tiny_module()
+    batches = list(token_loader(4, batch_size=2, seq=32))
+    o_proj = module.model.model.layers[0].self_attn.o_proj
+    seen = []
+    hook = o_proj.register_forward_pre_hook(
+        lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for batch in batches:
+            module.model.eval()(input_ids=batch["input_ids"])
+    hook.remove()
+    x, w = torch.cat(seen).double(), o_proj.weight.detach().double().clone()
+    cb = _obs(target=0.5, percdamp=0.0, units=["heads", "neurons"])
+    cb.prepare_once(None, module)
+    counts = cb.obs_init(module, batches=batches)
+    assert set(counts) == {
+        f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.o_proj", "mlp.down_proj")
+    }
+    heads = cb.gates.deterministic()["heads"][:2] > 0
+    assert 2 - int(heads.sum()) == counts["model.layers.0.self_attn.o_proj"]
+    width = o_proj.in_features // 2
+    kept = torch.arange(2 * width).reshape(2, width)[heads].flatten()
+    refit = torch.zeros_like(w)
+    if len(kept):
+        refit[:, kept] = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T
+    torch.testing.assert_close(o_proj.weight.detach().double(), refit, rtol=1e-4, atol=1e-4)
+    assert cb.state["phase"] == "fixed"
+    assert cb.summary()["target_met"] is True
+
+
+def _obs_error_of(module: CausalLMModule, batches: list[dict], dense: nn.Module) -> float:
+    """Distance of the pruned (gated) network's logits from the dense network's on ``batches``."""
+    with torch.no_grad():
+        return sum(
+            float(
+                (
+                    module.model.eval()(input_ids=b["input_ids"]).logits
+                    - dense.eval()(input_ids=b["input_ids"]).logits
+                ).norm()
+            )
+            for b in batches
+        )
+
+
+def test_obs_beats_closing_the_same_units_without_the_refit_and_allocations_differ():
+    batches = list(token_loader(4, batch_size=2, seq=32))
+    dense = tiny_module().model
+    errors, kept = {}, {}
+    for allocation in ("global", "uniform"):
+        module = tiny_module()
+        cb = _obs(target=0.3, allocation=allocation, units=["neurons"])
+        cb.prepare_once(None, module)
+        cb.obs_init(module, batches=batches)
+        errors[allocation] = _obs_error_of(module, batches, dense)
+        neurons = cb.gates.deterministic()["neurons"] > 0
+        kept[allocation] = [int(neurons[:64].sum()), int(neurons[64:].sum())]  # per layer
+        if allocation == "global":  # the same gates on the dense weights: no least-squares refit
+            plain = tiny_module()
+            other = _obs(target=0.3, units=["neurons"])
+            other.prepare_once(None, plain)
+            other.gates.load_state_dict(cb.gates.state_dict())
+            assert _obs_error_of(plain, batches, dense) > 1.2 * errors["global"]
+    # uniform: each layer loses 30% of its own parameters (neurons only: 30% of all its parameters
+    # comes out of its 64 neurons); global: whatever is cheapest
+    per_layer_params = layer_parameter_count(dense, get_architecture(dense)) // 2
+    need = math.ceil(0.3 * per_layer_params / (3 * 32))  # a neuron owns 3 x 32 parameters
+    assert kept["uniform"] == [64 - need, 64 - need]
+    assert sum(kept["global"]) == sum(kept["uniform"]) and kept["global"] != kept["uniform"]
+
+
+def _obs_run(root: Path, crash_at: int | None = None, ckpt_path: str | None = None):
+    module = tiny_module()
+    cb = _obs(target=0.3)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True)
+    extra = [CrashAt(crash_at)] if crash_at is not None else []
+    trainer = make_trainer(root, [cb, ckpt, *extra], max_steps=4, enable_checkpointing=True)
+    trainer.fit(module, token_loader(2), ckpt_path=ckpt_path)  # crash at 2: resumes at an epoch boundary
+    return module, cb
+
+
+def test_obs_init_runs_once_not_again_on_resume(tmp_path, monkeypatch):
+    passes = CountPasses(monkeypatch)
+    straight, cb_straight = _obs_run(tmp_path / "straight")
+    assert passes.calls == 2 and cb_straight.state["frozen_at"] == 0  # two passes: curves, then prune
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _obs_run(tmp_path / "crashed", crash_at=2)
+    assert passes.calls == 4
+    last = tmp_path / "crashed" / "ckpt" / "last.ckpt"
+    stored = torch.load(last, weights_only=True)
+    assert stored["callbacks"]["StructuredPruningCallback"]["initialized"] is True
+    resumed, cb_resumed = _obs_run(tmp_path / "crashed", ckpt_path=str(last))
+    assert passes.calls == 4  # gate logits and refit weights came back with the state dict
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert cb_resumed.state_dict() == cb_straight.state_dict()
+
+
+def test_obs_init_without_calibration_batches_names_the_key():
+    module = tiny_module()
+    cb = _obs()
+    cb.prepare_once(None, module)
+    with pytest.raises(RuntimeError, match=r"^compress\.structured\.init='obs': needs training batches"):
+        cb.obs_init(module)
+    with pytest.raises(RuntimeError, match=r"^compress\.structured\.init='obs': .*no calibration batch"):
+        cb.obs_init(module, batches=[])
+
+
+def test_obs_one_shot_on_gpt2_conv1d_projections(tmp_path):
+    """GPT-2 keeps its projections as ``Conv1D`` ``(in, out)``: refit through the ``(out, in)`` view."""
+    from tests.helpers.quant_sparsity import tiny_module as quant_tiny
+
+    module = quant_tiny("gpt2", 0)
+    dense = {k: v.clone() for k, v in module.model.state_dict().items()}
+    cb = _obs(target=0.3)
+    cb.prepare_once(None, module)
+    cb.obs_init(module, batches=list(token_loader(4, batch_size=2, seq=32)))
+    assert cb.summary()["target_met"] is True
+    changed = [k for k, v in module.model.state_dict().items() if k in dense and not torch.equal(v, dense[k])]
+    assert sorted({k.split(".", 3)[-1] for k in changed}) == ["attn.c_proj.weight", "mlp.c_proj.weight"]
+    ids = torch.randint(0, VOCAB, (2, 12))
+    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"))
+    torch.testing.assert_close(_logits(sliced, ids), _logits(module.model, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_obs_one_shot_exports_the_gated_model(tmp_path):
+    from lightcook.data import TextDataModule
+
+    module = CausalLMModule(name_or_path="smollm2-135m-instruct")
+    data = TextDataModule(tokenizer="smollm2-135m-instruct", block_size=64, batch_size=2)
+    data.setup("fit")
+    batches = [b for _, b in zip(range(2), data.train_dataloader())]
+    cb = _obs(target=0.25, calibration_batches=2)
+    cb.prepare_once(None, module)
+    cb.obs_init(module, batches=batches)
+    summary = cb.summary()
+    assert summary["target_met"] is True and cb.state["phase"] == "fixed"
+    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"))
+    ids = torch.randint(0, 49152, (1, 16))
+    torch.testing.assert_close(_logits(sliced, ids), _logits(module.model, ids), rtol=1e-4, atol=1e-4)
+    assert layer_parameter_count(sliced, cb.architecture) == summary["layer_parameters_deterministic"]

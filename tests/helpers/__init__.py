@@ -125,3 +125,20 @@ def keys_differing_across_ranks(trainer: L.Trainer, state: dict[str, torch.Tenso
             differ.append(key)
         offset = end
     return differ
+
+
+class CountPasses:
+    """Wraps the real sequential calibration pass the callbacks call (``callbacks.base.sequential_pass``)
+    and counts the calls: a resumed run must not calibrate again."""
+
+    def __init__(self, monkeypatch) -> None:
+        import lightcook.callbacks.base as base
+
+        self.calls = 0
+        real = base.sequential_pass
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(base, "sequential_pass", counted)

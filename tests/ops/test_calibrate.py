@@ -160,3 +160,129 @@ def test_dampen_and_accumulator():
     mean = float((x.T @ x).diagonal().mean())
     torch.testing.assert_close(h.diagonal(), torch.tensor([10 + 0.1 * mean, 0.1 * mean, 5 + 0.1 * mean]))
     assert dampen_(torch.zeros(2, 2), 0.01).diagonal().tolist() == [1.0, 1.0]
+
+
+LLAMA_ALL0 = [
+    f"model.layers.0.{p}"
+    for p in (
+        "mlp.down_proj",  # given out of order: true_sequential visits in forward order
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+    )
+]
+
+
+def test_true_sequential_visits_input_groups_in_forward_order_each_after_the_ones_before():
+    model, data = tiny(), batches()
+    halve = lambda module: module.weight.mul_(0.5)  # noqa: E731
+    seen: dict[str, torch.Tensor] = {}
+    visited = sequential_pass(model, data, LLAMA_ALL0, recording(seen, halve), true_sequential=True)
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert visited == [attn + "q_proj", attn + "k_proj", attn + "v_proj", attn + "o_proj"] + [
+        mlp + "gate_proj",
+        mlp + "up_proj",
+        mlp + "down_proj",
+    ]
+    # the reference: full forwards of the original model with the groups before each one halved by hand
+    steps = [
+        [attn + "q_proj", attn + "k_proj", attn + "v_proj"],
+        [attn + "o_proj"],
+        [mlp + "gate_proj", mlp + "up_proj"],
+    ]
+    reference, done = tiny(), []
+    for group, following in zip([[]] + steps, steps + [[mlp + "down_proj"]], strict=True):
+        with torch.no_grad():
+            for name in group:
+                reference.get_submodule(name).weight.mul_(0.5)
+        done += group
+        expected = reference_hessians(reference, data, following)
+        for name in following:
+            torch.testing.assert_close(seen[name].double(), expected[name], rtol=1e-4, atol=1e-5)
+    stale = reference_hessians(tiny(), data, [attn + "o_proj"])[attn + "o_proj"]
+    assert not torch.allclose(seen[attn + "o_proj"].double(), stale, rtol=1e-3)
+
+
+def _outputs(model, data, name):
+    """Inputs and outputs of layer ``name`` over full forwards."""
+    xs, ys = [], []
+    layer = model.get_submodule(name)
+
+    def keep(_module, args, out):
+        xs.append(args[0])
+        ys.append(out)
+
+    handle = layer.register_forward_hook(keep)
+    with torch.no_grad():
+        for batch in data:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    handle.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]), torch.cat(
+        [y.reshape(-1, y.shape[-1]) for y in ys]
+    )
+
+
+def test_dense_targets_fit_each_layer_to_the_dense_models_outputs():
+    data, target = batches(4), "model.layers.1.self_attn.q_proj"
+    dense = tiny()
+    model = tiny()
+
+    def compress(name, module, hessian):  # block 0 is "compressed", the target layer only observed
+        if name.startswith("model.layers.0."):
+            module.weight.mul_(0.7)
+
+    names = LLAMA_BLOCK0 + [target]
+    sequential_pass(model, data, names, compress, dense_targets=True, dense_damp=0.0)
+    x_dense, y_dense = _outputs(dense, data, target)
+    x_hat, _ = _outputs(model, data, target)
+    fitted = model.get_submodule(target).weight
+    reference = torch.linalg.lstsq(x_hat.double(), y_dense.double()).solution.T  # outside reference
+    torch.testing.assert_close(fitted.double(), reference, rtol=1e-3, atol=1e-4)
+    before = dense.get_submodule(target).weight
+    assert (x_hat @ fitted.T - y_dense).norm() < 0.9 * (x_hat @ before.T - y_dense).norm()
+
+
+def test_dense_targets_leave_weights_alone_when_nothing_was_compressed_and_skip_pruned_layers():
+    data = batches()
+    model = tiny()
+    sequential_pass(model, data, LLAMA_ALL0, lambda *_: None, true_sequential=True, dense_targets=True)
+    for name in LLAMA_ALL0:
+        torch.testing.assert_close(
+            model.get_submodule(name).weight, tiny().get_submodule(name).weight, atol=1e-5, rtol=1e-4
+        )
+    # a layer whose mask already drops weights keeps them (the dense fit would refill the pruned entries)
+    model = tiny()
+    down = model.get_submodule("model.layers.1.mlp.down_proj")
+    mask = torch.rand_like(down.weight) > 0.5
+    down.register_buffer("weight_mask", mask)
+    with torch.no_grad():
+        down.weight.mul_(mask)
+    kept = down.weight.clone()
+    shrink = lambda name, module, _h: module.weight.mul_(0.5) if name.startswith("model.layers.0") else None  # noqa: E731
+    sequential_pass(model, data, LLAMA_ALL0 + ["model.layers.1.mlp.down_proj"], shrink, dense_targets=True)
+    assert torch.equal(down.weight, kept)
+
+
+def test_dense_target_options_are_checked():
+    with pytest.raises(ValueError, match="dense_damp"):
+        sequential_pass(
+            tiny(), batches(1), LLAMA_BLOCK1, lambda *_: None, dense_targets=True, dense_damp=-1.0
+        )
+    acc = HessianAccumulator(2, torch.device("cpu"), cross=True)
+    with pytest.raises(ValueError, match="dense"):
+        acc.add(torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("make", ["sparsity", "quant"])
+def test_configs_refuse_dense_targets_without_true_sequential(make):
+    from lightcook.ops.quant import QuantConfig
+    from lightcook.ops.sparsity import NMConfig
+
+    config = {"sparsity": NMConfig, "quant": QuantConfig}[make]
+    with pytest.raises(ValueError, match=r"^dense_targets: needs true_sequential=true"):
+        config(true_sequential=False, dense_targets=True)
+    assert config(true_sequential=False, dense_targets=False).dense_targets is False
+    assert config().true_sequential and config().dense_targets  # the defaults: both on

@@ -19,13 +19,18 @@ from lightcook.ops.moe import (
     MoEFFN,
     OracleRouter,
     RandomRouter,
+    RepresentativeRouter,
     _cut_groups,
+    _l1_to_centroids,
+    activation_markers,
     activation_sparsity,
     balanced_assign,
     balanced_kmeans,
+    carve_partition,
     coactivation_partition,
     expert_mass,
     fit_centroid_router,
+    fit_representative_router,
     make_router,
     partition_permutation,
     prepare_,
@@ -410,7 +415,24 @@ def test_router_aux_loss_keeps_only_the_last_forward():
     [
         ({"num_experts": 0}, r"^num_experts: must lie in \[1, inf\], got 0$"),
         ({"top_k": 9, "num_experts": 8}, r"^top_k: must be <= num_experts \(8\), got 9$"),
-        ({"split": "spectral"}, r"^split: got 'spectral'; allowed: 'kmeans', 'coactivation', 'random'$"),
+        (
+            {"split": "spectral"},
+            r"^split: got 'spectral'; allowed: 'kmeans', 'coactivation', 'random', 'carve'$",
+        ),
+        (
+            {"split": "carve", "shared_experts": 8, "num_experts": 8},
+            r"^shared_experts: must be < num_experts \(8\), got 8$",
+        ),
+        (
+            {"shared_experts": 2},
+            r"^shared_experts: always-on experts need split=carve \(got split='coactivation'\)",
+        ),
+        ({"router": "representative"}, r"^router: representative needs split=carve"),
+        (
+            {"split": "carve", "num_experts": 8, "shared_experts": 4, "top_k": 5},
+            r"^top_k: must be <= num_experts - shared_experts \(4 routed experts\), got 5$",
+        ),
+        ({"split": "carve", "active_fraction": 0}, r"^active_fraction: must be > 0, got 0$"),
         ({"router_lr": 0}, r"^router_lr: must be > 0, got 0$"),
         ({"architecture": 3}, r"^architecture: expected null, a layout name or a mapping"),
     ],
@@ -479,3 +501,181 @@ def test_cut_groups_is_optimal(seed):
     assert cuts[0][0] == 0 and cuts[-1][1] == 7 and len(cuts) <= 3
     assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
     assert sum((b - a) * loads[a] for a, b in cuts) == _brute_force_groups(loads, 3)
+
+
+# --------------------------------------------------------------------------- carved MoE (CMoE)
+
+
+def carved(
+    reference: LlamaMLP, x: torch.Tensor, experts: int = 8, shared: int = 2, top_k: int = 2, **kw
+) -> MoEFFN:
+    """``reference`` carved on the inputs ``x``: markers, carve, permutation, representative router."""
+    moe = MoEFFN.from_ffn(
+        copy.deepcopy(reference), ["gate_proj", "up_proj"], "down_proj", "act_fn", True, experts, top_k,
+        "representative", shared_experts=shared, **kw,
+    )  # fmt: skip
+    with torch.no_grad():
+        markers = activation_markers(moe.intermediate(x.reshape(-1, D)), D_FF // 8)
+    labels, reps = carve_partition(markers.T @ markers, experts, shared)
+    perm = partition_permutation(labels, experts)
+    moe.permute_(perm)
+    where = perm.argsort()[reps]
+    fit_representative_router(moe.router, moe.gate_rows()[where], moe.up_rows()[where])
+    moe.set_routed(True)
+    return moe
+
+
+def test_carved_moe_with_every_routed_expert_is_the_dense_ffn():
+    reference = llama_mlp(seed=5)
+    x = torch.randn(4, 16, D)
+    moe = carved(reference, x, experts=8, shared=2, top_k=6)  # top_k = every routed expert
+    assert moe.compute_fraction == 1.0 and moe.shared_size == 16
+    y = torch.randn(3, 11, D)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(y), reference(y), atol=1e-5, rtol=1e-5)  # sparse path
+    with torch.enable_grad():
+        torch.testing.assert_close(moe(y).detach(), reference(y), atol=1e-5, rtol=1e-5)  # masked path
+
+
+def test_carved_moe_computes_the_shared_neurons_and_the_top_k_routed_experts():
+    """Outside reference: the dense FFN with only the shared and each token's top-k experts' neurons
+    kept (the experts ranked by the representative neuron's activation, recomputed here by hand)."""
+    reference = llama_mlp(seed=6)
+    moe = carved(reference, torch.randn(4, 16, D), experts=8, shared=2, top_k=2)
+    assert moe.compute_fraction == 0.5
+    y = torch.randn(2, 13, D).reshape(-1, D)
+    with torch.no_grad():
+        sparse = moe(y)
+        masked = torch.enable_grad()(moe)(y).detach()
+        h = reference.act_fn(reference.gate_proj(y)) * reference.up_proj(y)  # (N, d_ff), original order
+        xn = torch.nn.functional.normalize(y, dim=-1)
+        g, u = moe.router.gate, moe.router.up  # unit rows of the representatives
+        top = (reference.act_fn(xn @ g.T) * (xn @ u.T)).abs().topk(2, dim=1).indices  # (N, 2) routed
+        keep = torch.zeros(y.shape[0], D_FF)
+        keep[:, :16] = 1.0
+        for e in range(2):
+            rows = 16 + top[:, e : e + 1] * 8 + torch.arange(8)  # (N, 8) positions of the chosen experts
+            keep.scatter_(1, rows, 1.0)
+        expected = reference.down_proj(
+            (h[:, moe.perm] * keep)[:, moe.perm.argsort()]
+        )  # back to the original order
+    torch.testing.assert_close(sparse, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_neurons_are_the_most_often_active_ones():
+    """A constructed input where 16 neurons are among a token's top 8 |h| with known, distinct
+    frequencies; the carve's shared experts are exactly the 16 most frequent ones (brute force count)."""
+    gen = torch.Generator().manual_seed(7)
+    tokens = 400
+    h = torch.rand(tokens, D_FF, generator=gen)  # background in [0, 1)
+    hubs = torch.randperm(D_FF, generator=gen)[:24]
+    rates = torch.linspace(0.95, 0.25, 24)  # distinct target frequencies
+    fire = torch.rand(tokens, 24, generator=gen) < rates
+    h[:, hubs] += 5.0 * fire  # a firing hub is among the token's largest
+    h *= torch.where(torch.rand(tokens, D_FF, generator=gen) < 0.5, -1.0, 1.0)  # signs do not matter
+    active = 8
+    counts = torch.zeros(D_FF)
+    for row in h.abs():  # brute force: each token's `active` largest |h|
+        counts[sorted(range(D_FF), key=lambda i: -float(row[i]))[:active]] += 1
+    markers = activation_markers(h, active)
+    assert torch.equal(markers.sum(0), counts)
+    labels, reps = carve_partition(markers.T @ markers, 8, 2)
+    expected = set(torch.sort(counts, descending=True, stable=True).indices[:16].tolist())
+    assert set(labels.lt(2).nonzero().squeeze(1).tolist()) == expected
+    assert torch.bincount(labels).tolist() == [8] * 8
+    assert all(int(labels[r]) == 2 + e for e, r in enumerate(reps.tolist()))  # each represents its expert
+
+
+def test_carve_groups_neurons_that_fire_together():
+    gen = torch.Generator().manual_seed(8)
+    groups = torch.randperm(D_FF, generator=gen) % 8  # 8 planted groups of 8 neurons
+    topic = torch.randint(0, 8, (600,), generator=gen)
+    markers = (groups[None, :] == topic[:, None]).float()  # a token activates its topic's group
+    labels, _reps = carve_partition(markers.T @ markers, 8, 0)
+    assert all(labels[groups == g].unique().numel() == 1 for g in range(8))
+
+
+def test_l1_distances_from_the_gram_equal_the_brute_force_ones():
+    gen = torch.Generator().manual_seed(9)
+    markers = (torch.rand(50, 12, generator=gen) < 0.4).double()  # (tokens, neurons)
+    members = torch.tensor([[0, 3, 5], [1, 2, 4], [6, 7, 8]])
+    gram = markers.T @ markers
+    fast = _l1_to_centroids(gram, gram.diagonal(), members)
+    centroids = torch.stack([markers[:, m].mean(1) for m in members])  # (R, tokens)
+    torch.testing.assert_close(fast, torch.cdist(markers.T, centroids, p=1))
+
+
+def test_representative_router_scores_the_representative_neurons_activation():
+    mlp = llama_mlp(seed=10)
+    router = RepresentativeRouter(D, 3, mlp.act_fn)
+    reps = torch.tensor([4, 17, 40])
+    fit_representative_router(router, mlp.gate_proj.weight[reps], mlp.up_proj.weight[reps])
+    x = torch.randn(5, D)
+    unit = copy.deepcopy(mlp)
+    with torch.no_grad():
+        unit.gate_proj.weight.div_(unit.gate_proj.weight.norm(dim=1, keepdim=True))
+        unit.up_proj.weight.div_(unit.up_proj.weight.norm(dim=1, keepdim=True))
+        xn = x / x.norm(dim=1, keepdim=True)
+        expected = (unit.act_fn(unit.gate_proj(xn)) * unit.up_proj(xn))[:, reps].abs()
+        torch.testing.assert_close(router(x), expected)
+
+
+@pytest.mark.parametrize("act_mode", ["dynamic", "static"])
+def test_carved_sparse_path_keeps_the_fake_quantization(act_mode):
+    from lightcook.ops.quant import QuantLinear, QuantSpec
+
+    mlp = llama_mlp(seed=11)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        q = QuantLinear.from_linear(getattr(mlp, name), QuantSpec(bits=4), "absmax", act_mode, 8)
+        if act_mode == "static":
+            q.input_quantizer.amax.fill_(2.5)
+        setattr(mlp, name, q)
+    moe = carved(mlp, torch.randn(2, 16, D), experts=8, shared=2, top_k=3)
+    x = torch.randn(2, 17, D)
+    with torch.no_grad():
+        sparse = moe(x)
+    with torch.enable_grad():
+        masked = moe(x).detach()
+    torch.testing.assert_close(sparse, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_carve_on_an_ungated_ffn_names_the_split():
+    model = tiny_model("gpt2")
+    with pytest.raises(
+        ValueError, match=r"^split: carve needs a gated FFN .*transformer\.h\.0\.mlp has no gate projection"
+    ):
+        prepare_(model, MoEConfig(num_experts=8, top_k=2, split="carve", shared_experts=2))
+
+
+def test_prepare_and_split_carve_without_lightning():
+    model = tiny_model("llama")
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    config = MoEConfig(num_experts=8, top_k=6, split="carve", shared_experts=2, router="representative")
+    moes = prepare_(model, config)
+    split_(model, moes, config, [inputs, model_inputs("llama", seed=1)])
+    assert all(m.shared_experts == 2 and m.routed_experts == 6 and bool(m.routed) for m in moes.values())
+    assert all(m.router.gate.abs().sum() > 0 for m in moes.values())  # the routers were built
+    with torch.no_grad():  # every routed expert: the dense function
+        torch.testing.assert_close(model(**inputs).logits, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_experts_out_of_range_in_the_module():
+    with pytest.raises(ValueError, match=r"^shared_experts: must be in \[0, 7\], got 8$"):
+        wrap(llama_mlp(), experts=8, top_k=1, router="random", shared_experts=8)
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 6\], got 7"):
+        wrap(llama_mlp(), experts=8, top_k=7, router="random", shared_experts=2)
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+def test_one_token_decode_path_equals_the_masked_dense_path(shared):
+    moe = carved(llama_mlp(seed=12), torch.randn(2, 16, D), experts=8, shared=shared, top_k=3)
+    for _ in range(3):
+        x = torch.randn(1, 1, D)
+        with torch.no_grad():
+            sparse = moe(x)
+        with torch.enable_grad():
+            masked = moe(x).detach()
+        torch.testing.assert_close(sparse, masked, atol=1e-5, rtol=1e-5)

@@ -3,9 +3,11 @@
 The experts' weights are the FFN projections in their permuted (expert-contiguous) order, stored
 under their usual names like any other layer's (or packed by the N:M / quantized codecs); this codec
 stores each FFN's router tensors and its ``perm`` / ``routed`` / ``relu`` buffers, and the manifest
-entry ``{ffn name: MoEFFN.spec()}`` (projection names, activation, experts, top-k, router kind). At load
+entry ``{ffn name: MoEFFN.spec()}`` (projection names, activation, experts, top-k, router kind, and
+``shared_experts``: the always-on experts of a carved MoE, 0 when absent as in older exports). At load
 time each listed FFN of the rebuilt model is wrapped in a :class:`MoEFFN` with a frozen router: without
-gradients it runs the conditional-computation path (only the top-k experts' weights per token).
+gradients it runs the conditional-computation path (the shared experts' weights and only the top-k
+routed experts' weights per token).
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,6 +61,7 @@ def _wrap(model: nn.Module, name: str, spec: Mapping[str, Any]) -> None:
         spec["router"],
         spec.get("router_hidden") or 128,
         spec.get("buckets", 8),
+        shared_experts=spec.get("shared_experts", 0),  # exports before carved MoE have none
     )
     moe.router.requires_grad_(False)
     model.set_submodule(name, moe)

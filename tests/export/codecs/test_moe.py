@@ -134,3 +134,23 @@ def test_export_is_not_a_plain_dense_model_in_disguise(tmp_path):
     loaded = load_compressed(save_compressed(model, tmp_path / "moe"))
     assert isinstance(loaded.model.layers[1].mlp, MoEFFN)
     assert loaded.model.layers[1].mlp.router.fc1.weight.requires_grad is False
+
+
+def test_carved_export_round_trip_keeps_the_shared_experts(tmp_path):
+    """A carved MoE (2 shared + top 2 of 6 routed, representative routers) reloads with the same
+    logits; with every routed expert it is the dense model again."""
+    model, dense = moefied(TINY_LLAMA, router="representative", split="carve", shared_experts=2)
+    path = save_compressed(model, tmp_path / "carved")
+    specs = read_manifest(path)["moe"]
+    assert all(spec["shared_experts"] == 2 and spec["router"] == "representative" for spec in specs.values())
+    loaded = load_compressed(path)
+    moes = moe_modules(loaded)
+    assert all(
+        m.shared_experts == 2 and m.routed_experts == 6 and m.compute_fraction == 0.5 for m in moes.values()
+    )
+    assert all(not m.router.gate.requires_grad for m in moes.values())
+    ids = random_batch(seed=5)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        set_top_k(loaded, 6)  # every routed expert
+        torch.testing.assert_close(loaded(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
