@@ -173,7 +173,7 @@ def render_quant(args: argparse.Namespace, results: list, tokens: int, wall: flo
         "act-order, one sequential block-by-block pass) through `QuantizationCallback.gptq`, no training "
         f"step; {_PASS} Time: the one-shot on {args.threads} threads (calibration included; RTN has none). "
         "3-bit rows: lightcook has no 3-bit grid (bits 2, 4, 8). Peer rows (`--peers`) ran in the same "
-        "process (experiments/bench/peers.py).",
+        "process (experiments/bench/peers.py), when present.",
         "",
         *table(["one-shot, no training", "held-out ppl", "vs dense", "time"], _body(results), "lrrr"),
         "",
@@ -193,7 +193,7 @@ def render(args: argparse.Namespace, results: list, tokens: int, wall: float) ->
         "SparseGPT, updated kept weights; `blocksize` 128, `percdamp` 0.01, one sequential block-by-block "
         f"pass) computed once through `SparsityCallback`, no training step; {_PASS} Time: the whole "
         f"one-shot on {args.threads} threads (calibration included). Peer rows (`--peers`) ran in the same "
-        "process (experiments/bench/peers.py).",
+        "process (experiments/bench/peers.py), when present.",
         "",
         *table(["one-shot, no training", "held-out ppl", "vs dense", "time"], body, "lrrr"),
         "",
