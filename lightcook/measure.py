@@ -7,10 +7,14 @@ Lightning): usable on any ``nn.Module`` and any list of batches.
 - :func:`perplexity`: token-weighted perplexity over labels != -100 (causal shift by default).
 - :func:`interleaved` / :func:`interleaved_runs`: several callables timed in one process, in
   interleaved rounds after a warm-up, medians (the clock is a parameter, so the logic is testable).
-- :func:`prefill_and_decode`: prefill time and batch-1 greedy decode time per new token of Hugging
-  Face causal LMs (KV cache, one token per forward, as ``generate`` does), models interleaved.
+- :func:`prefill_and_decode`: prefill time, greedy decode time per step (KV cache, dynamic or
+  static, one token per row per forward, as ``generate`` does) and time to first token of Hugging
+  Face causal LMs, models interleaved; :func:`generation_speed`: the same at several batch sizes
+  (what ``python -m lightcook.bench`` and the run's report measure).
+- :func:`peak_memory`: peak bytes one call adds (CUDA allocator peak, or the process's peak RSS).
 - :func:`machine`: CPU model, cores, threads, ISA flags, torch / Python versions, CUDA device, load
-  average, date. :func:`bytes_on_disk`, :func:`safetensors_payload`, :func:`parameter_bytes`: sizes.
+  average, date. :func:`bytes_on_disk`, :func:`safetensors_payload`, :func:`parameter_bytes`,
+  :func:`loaded_bytes`: sizes.
 
 Example:
     >>> import torch
@@ -29,8 +33,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import functools
+import gc
 import inspect
 import math
 import os
@@ -48,16 +54,22 @@ from torch import Tensor, nn
 from lightcook.io import bytes_on_disk
 
 __all__ = [
+    "CACHES",
     "IGNORE_INDEX",
+    "MEMORY_KINDS",
     "Perplexity",
     "bytes_on_disk",
     "causal_shift",
     "cuda_sync",
+    "generation_speed",
     "greedy_decode",
     "interleaved",
     "interleaved_runs",
+    "loaded_bytes",
     "machine",
+    "new_cache",
     "parameter_bytes",
+    "peak_memory",
     "perplexity",
     "prefill_and_decode",
     "safetensors_payload",
@@ -269,7 +281,7 @@ def interleaved(
 
 
 @torch.inference_mode()
-def greedy_decode(model: nn.Module, input_ids: Tensor, new_tokens: int) -> Tensor:
+def greedy_decode(model: nn.Module, input_ids: Tensor, new_tokens: int, cache: str = "dynamic") -> Tensor:
     """Greedy decode with the KV cache, as ``generate(do_sample=False)`` does: one forward over the
     prompt (prefill), then one forward per new token; no stop on EOS.
 
@@ -277,6 +289,7 @@ def greedy_decode(model: nn.Module, input_ids: Tensor, new_tokens: int) -> Tenso
         model: a Hugging Face causal LM (``use_cache`` / ``past_key_values``).
         input_ids: the prompt ``(B, T)``.
         new_tokens: tokens to generate.
+        cache: ``dynamic`` or ``static`` (see :func:`new_cache`).
 
     Returns:
         the prompt followed by the ``new_tokens`` generated ids ``(B, T + new_tokens)``.
@@ -287,14 +300,45 @@ def greedy_decode(model: nn.Module, input_ids: Tensor, new_tokens: int) -> Tenso
         >>> tuple(greedy_decode(gpt, torch.tensor([[1, 2, 3]]), 4).shape)
         (1, 7)
     """
-    step = _decoder(model, input_ids)
+    step = _decoder(model, input_ids, new_cache(model, cache, input_ids.shape[1] + new_tokens + 1))
     return torch.cat([input_ids, *(step() for _ in range(new_tokens))], dim=1)
 
 
-def _decoder(model: nn.Module, input_ids: Tensor) -> Callable[[], Tensor]:
-    """Prefill ``input_ids`` now; return a callable that generates the next token ``(B, 1)``."""
+CACHES = ("dynamic", "static")
+
+
+def new_cache(model: nn.Module, cache: str, max_len: int) -> Any:
+    """A fresh KV cache for ``model``: ``None`` for ``dynamic`` (the model builds one as it goes),
+    a ``transformers.StaticCache`` of ``max_len`` positions for ``static`` (allocated on first use,
+    fixed shapes: what ``torch.compile`` wants).
+
+    Raises:
+        ValueError: ``cache`` not in :data:`CACHES`.
+
+    Example:
+        >>> new_cache(nn.Linear(1, 1), "dynamic", 8) is None
+        True
+    """
+    if cache not in CACHES:
+        raise ValueError(f"cache: got {cache!r}, allowed: {', '.join(CACHES)}")
+    if cache == "dynamic":
+        return None
+    from transformers import StaticCache
+
+    config: Any = model.config
+    return StaticCache(config=config, max_cache_len=max_len)
+
+
+def _forward(model: nn.Module, input_ids: Tensor, cache: Any) -> Any:
+    extra = {} if cache is None else {_cache_argument(model): cache}
+    return model(input_ids=input_ids, use_cache=True, **extra)
+
+
+def _decoder(model: nn.Module, input_ids: Tensor, cache: Any = None) -> Callable[[], Tensor]:
+    """Prefill ``input_ids`` now (into ``cache``, else a dynamic one) and pick the first token; return
+    a callable that generates the next token ``(B, 1)``."""
     key = _cache_argument(model)
-    out = model(input_ids=input_ids, use_cache=True)
+    out = _forward(model, input_ids, cache)
     state = {"cache": _cache_of(out), "next": out.logits[:, -1:].argmax(-1)}
 
     def step() -> Tensor:
@@ -309,7 +353,12 @@ def _decoder(model: nn.Module, input_ids: Tensor) -> Callable[[], Tensor]:
 
 def _cache_argument(model: nn.Module) -> str:
     """The forward argument of the KV cache: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    forward = getattr(model, "forward", model)
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # a compiled forward without a signature
+        parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _cache_of(output: Any) -> Any:
@@ -325,53 +374,188 @@ def prefill_and_decode(
     *,
     sync: Callable[[], Any] | None = None,
     clock: Clock = time.perf_counter,
+    cache: str = "dynamic",
+    ttft: bool = False,
+    warmup: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """Prefill seconds and greedy-decode seconds per new token of causal LMs, interleaved.
+    """Prefill seconds and greedy-decode seconds per step of causal LMs, interleaved.
 
-    Prefill = one forward over ``prompt`` with the cache on. Decode = ``new_tokens`` one-token
-    forwards on a freshly prefilled cache (the prefill itself is not timed), divided by
-    ``new_tokens``. Both: one warm-up round, then ``repeats`` interleaved rounds, medians.
+    Prefill = one forward over ``prompt`` ``(B, T)`` with the cache on. Decode = ``new_tokens``
+    one-token forwards (one token per row) on a freshly prefilled cache (the prefill itself is not
+    timed), divided by ``new_tokens``. Time to first token (``ttft=True``) = the prefill of the
+    first row alone ``(1, T)`` plus the greedy pick of the first new token. Each: ``warmup`` rounds,
+    then ``repeats`` interleaved rounds, medians; cache allocation is never timed.
 
     Args:
         models: name -> Hugging Face causal LM (in eval mode).
-        prompt: ``(1, T)`` token ids for batch-1 decode (any batch size works).
+        prompt: ``(B, T)`` token ids (``B = 1`` for batch-1 decode).
         new_tokens: generated tokens per decode sample (>= 1).
         repeats: timed rounds.
         sync: as in :func:`interleaved` (e.g. :func:`cuda_sync` of the device).
         clock: as in :func:`interleaved`.
+        cache: ``dynamic`` (the model grows its cache) or ``static`` (see :func:`new_cache`).
+        ttft: also time the first token of a batch-1 request.
+        warmup: untimed rounds first.
 
     Returns:
-        ``{"prefill": {name: s}, "decode": {name: s per token}, "tokens_per_second": {name: 1/s}}``.
+        ``prefill`` (s), ``prefill_tokens_per_second`` (``B * T`` / s), ``decode`` (s per step) and
+        ``tokens_per_second`` (``B`` / s per step), each ``{name: value}``; with ``ttft``, ``ttft`` (s).
 
     Raises:
-        ValueError: ``new_tokens < 1`` (and what :func:`interleaved` raises).
+        ValueError: ``new_tokens < 1``, an unknown ``cache`` (and what :func:`interleaved` raises).
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> gpt = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2)).eval()
         >>> out = prefill_and_decode({"gpt": gpt}, torch.tensor([[1, 2, 3]]), 2, repeats=1)
         >>> sorted(out), out["tokens_per_second"]["gpt"] > 0
-        (['decode', 'prefill', 'tokens_per_second'], True)
+        (['decode', 'prefill', 'prefill_tokens_per_second', 'tokens_per_second'], True)
     """
     if new_tokens < 1:
         raise ValueError(f"prefill_and_decode: new_tokens must be >= 1, got {new_tokens}")
+    if cache not in CACHES:
+        raise ValueError(f"cache: got {cache!r}, allowed: {', '.join(CACHES)}")
+    rows, length = prompt.shape
+    max_len = length + new_tokens + 1
+
+    def prefill(model: nn.Module, ids: Tensor) -> Callable[[], Any]:
+        return functools.partial(_forward, model, ids, new_cache(model, cache, max_len))
+
+    def decoder(model: nn.Module, ids: Tensor) -> Callable[[], Any]:
+        return _decoder(model, ids, new_cache(model, cache, max_len))
+
+    def first_token(model: nn.Module) -> Callable[[], Any]:
+        return functools.partial(_decoder, model, prompt[:1], new_cache(model, cache, max_len))
+
+    timing = functools.partial(
+        interleaved, repeats=repeats, warmup=warmup, sync=sync, clock=clock, fresh=True
+    )
+    out: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
-        prefill = interleaved(
-            {name: functools.partial(m, input_ids=prompt, use_cache=True) for name, m in models.items()},
-            repeats,
-            sync=sync,
-            clock=clock,
+        out["prefill"] = timing({n: functools.partial(prefill, m, prompt) for n, m in models.items()})
+        out["decode"] = timing(
+            {n: functools.partial(decoder, m, prompt) for n, m in models.items()}, inner=new_tokens
         )
-        decode = interleaved(
-            {name: functools.partial(_decoder, m, prompt) for name, m in models.items()},
-            repeats,
-            inner=new_tokens,
-            sync=sync,
-            clock=clock,
-            fresh=True,
-        )
-    rates = {name: 1.0 / s if s > 0 else math.inf for name, s in decode.items()}
-    return {"prefill": prefill, "decode": decode, "tokens_per_second": rates}
+        if ttft:
+            out["ttft"] = timing({n: functools.partial(first_token, m) for n, m in models.items()})
+    out["prefill_tokens_per_second"] = {n: _rate(rows * length, s) for n, s in out["prefill"].items()}
+    out["tokens_per_second"] = {n: _rate(rows, s) for n, s in out["decode"].items()}
+    return out
+
+
+def _rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else math.inf
+
+
+def generation_speed(
+    models: Mapping[str, nn.Module],
+    prompt: Tensor,
+    new_tokens: int,
+    repeats: int,
+    *,
+    batches: Sequence[int] = (1,),
+    sync: Callable[[], Any] | None = None,
+    clock: Clock = time.perf_counter,
+    cache: str = "dynamic",
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """What ``python -m lightcook.bench`` and the run's report measure: :func:`prefill_and_decode` at
+    every batch size, and the time to first token, the models interleaved in each measurement.
+
+    Args:
+        models: name -> Hugging Face causal LM (in eval mode).
+        prompt: ``(R, T)`` token ids; batch ``b`` uses its first ``b`` rows (rows repeated when
+            ``R < b``); the time to first token uses row 0.
+        new_tokens, repeats, sync, clock, cache, warmup: as for :func:`prefill_and_decode`.
+        batches: batch sizes (each >= 1, no repeats).
+
+    Returns:
+        ``{"batches": {b: prefill_and_decode(...) at batch b}, "ttft": {name: s}}``.
+
+    Raises:
+        ValueError: no batch sizes, one < 1 or repeated (and what :func:`prefill_and_decode` raises).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> gpt = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2)).eval()
+        >>> out = generation_speed({"gpt": gpt}, torch.tensor([[1, 2, 3]]), 2, 1, batches=(1, 2))
+        >>> sorted(out["batches"]), sorted(out["batches"][2]), out["ttft"]["gpt"] > 0
+        ([1, 2], ['decode', 'prefill', 'prefill_tokens_per_second', 'tokens_per_second'], True)
+    """
+    batches = list(batches)
+    if (
+        not batches
+        or any(not isinstance(b, int) or b < 1 for b in batches)
+        or len(set(batches)) != len(batches)
+    ):
+        raise ValueError(f"batches: must be distinct integers >= 1, got {batches}")
+    measure = functools.partial(
+        prefill_and_decode,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        sync=sync,
+        clock=clock,
+        cache=cache,
+        warmup=warmup,
+    )
+    out: dict[str, Any] = {"batches": {}, "ttft": {}}
+    for i, b in enumerate(batches):
+        rows = prompt.repeat(-(-b // prompt.shape[0]), 1)[:b]
+        timing = measure(models, rows, ttft=i == 0)
+        out["ttft"] = timing.pop("ttft", out["ttft"])
+        out["batches"][b] = timing
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+#: What :func:`peak_memory` reports on each kind of device.
+MEMORY_KINDS = {
+    "cuda": "torch.cuda.max_memory_allocated during the call minus memory_allocated before it",
+    "cpu": "growth of the process's peak resident set (VmHWM, reset first) over its resident set "
+    "before the call, after gc and malloc_trim (Linux; approximate: the allocator may keep memory)",
+}
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> int | None:
+    """Peak bytes one call of ``fn`` adds on top of what was in use before it (activations, KV cache);
+    what each device measures is in :data:`MEMORY_KINDS`. ``None`` where it cannot be measured (CPU
+    without Linux ``/proc``).
+
+    Example:
+        >>> grown = peak_memory(lambda: torch.ones(16, 1024, 1024).sum())  # a 64 MiB temporary
+        >>> grown is None or grown > 50 * 2**20
+        True
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    gc.collect()
+    _malloc_trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = _status_bytes("VmRSS")
+        fn()
+        return max(0, _status_bytes("VmHWM") - before)
+    except (OSError, ValueError):
+        return None
+
+
+def _status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise ValueError(f"/proc/self/status has no {key}")
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # --------------------------------------------------------------------------- machine
@@ -475,3 +659,17 @@ def parameter_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     if dtype is None:
         return sum(p.numel() * p.element_size() for p in params)
     return sum(p.numel() for p in params) * torch.empty((), dtype=dtype).element_size()
+
+
+def loaded_bytes(model: nn.Module) -> int:
+    """Bytes of a model's distinct parameters and buffers as loaded (tied ones once): what it holds
+    in memory, packed int8 codes and scales included.
+
+    Example:
+        >>> layer = nn.Linear(4, 2)
+        >>> layer.register_buffer("codes", torch.zeros(8, dtype=torch.int8))
+        >>> loaded_bytes(layer)
+        48
+    """
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in tensors)

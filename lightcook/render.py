@@ -208,7 +208,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
 
 
 def _speed_rows(speed: Mapping[str, Any]) -> list[list[str]]:
-    """Forward (prefill) and batch-1 decode rows of the speed section."""
+    """Forward (prefill), batch-1 decode and time-to-first-token rows of the speed section."""
     seconds = speed.get("seconds", {})
     shape = "not measured"
     if speed.get("measured"):
@@ -238,6 +238,15 @@ def _speed_rows(speed: Mapping[str, Any]) -> list[list[str]]:
                 f"{num(decode.get('speedup_vs_bf16'), suffix=' x')}",
             ],
         ]
+    if decode.get("ttft_seconds"):
+        first = decode["ttft_seconds"]
+        rows.append(
+            [
+                f"time to first token, batch 1, {decode['prompt_tokens']} prompt tokens: "
+                "export / dense fp32 / dense bf16",
+                " / ".join(num(_ms(first.get(k)), "{:.2f}", " ms") for k in TIMED),
+            ]
+        )
     return rows
 
 

@@ -15,11 +15,14 @@ from lightcook import io
 from lightcook.measure import (
     IGNORE_INDEX,
     bytes_on_disk,
+    generation_speed,
     greedy_decode,
     interleaved,
     interleaved_runs,
+    loaded_bytes,
     machine,
     parameter_bytes,
+    peak_memory,
     perplexity,
     prefill_and_decode,
     safetensors_payload,
@@ -212,6 +215,55 @@ def test_prefill_and_decode_times_one_forward_per_new_token(llama):
     assert len(forwards) == 8 + 40
     with pytest.raises(ValueError, match="new_tokens must be >= 1"):
         prefill_and_decode({"m": llama}, prompt, 0, 1)
+
+
+def test_greedy_decode_with_a_static_cache_equals_generate(llama):
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = llama.generate(
+            prompt, do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0
+        )
+    assert torch.equal(greedy_decode(llama, prompt, 6, cache="static"), reference)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_prefill_and_decode_at_batch_2_with_time_to_first_token(llama, cache):
+    shapes = []
+    handle = llama.register_forward_hook(
+        lambda _m, args, kwargs, out: shapes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        clock = lambda: float(len(shapes))  # noqa: E731  (one "second" per forward)
+        prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(6))
+        out = prefill_and_decode({"m": llama}, prompt, 4, repeats=2, clock=clock, cache=cache, ttft=True)
+    finally:
+        handle.remove()
+    assert out["prefill"] == {"m": 1.0} and out["prefill_tokens_per_second"] == {"m": 12.0}
+    assert out["decode"] == {"m": 1.0} and out["tokens_per_second"] == {"m": 2.0}  # 2 rows per step
+    assert out["ttft"] == {"m": 1.0}  # one batch-1 prefill; the pick of the first token is no forward
+    assert shapes[-1] == (1, 6) and shapes.count((2, 1)) == 3 * 4  # ttft last; 3 decode rounds x 4 steps
+    with pytest.raises(ValueError, match="cache: got 'paged'"):
+        prefill_and_decode({"m": llama}, prompt, 1, 1, cache="paged")
+
+
+def test_generation_speed_measures_every_batch_and_the_first_token_once(llama):
+    ticks = iter(range(10_000))
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(7))
+    out = generation_speed({"a": llama, "b": llama}, prompt, 2, 1, batches=(1, 3), clock=lambda: next(ticks))
+    assert sorted(out["batches"]) == [1, 3] and out["ttft"] == {"a": 1.0, "b": 1.0}
+    assert out["batches"][3]["tokens_per_second"] == {"a": 6.0, "b": 6.0}  # 3 rows / (1/2 s per step)
+    assert out["batches"][3]["prefill_tokens_per_second"] == {"a": 15.0, "b": 15.0}
+    for bad in ((), (0,), (2, 2)):
+        with pytest.raises(ValueError, match="batches: must be distinct integers >= 1"):
+            generation_speed({"a": llama}, prompt, 2, 1, batches=bad)
+
+
+def test_peak_memory_sees_a_temporary_and_loaded_bytes_count_buffers():
+    grown = peak_memory(lambda: torch.ones(8, 1024, 1024).add_(1).sum())  # 32 MiB
+    assert grown is None or grown >= 30 * 2**20
+    layer = torch.nn.Linear(4, 2)
+    layer.register_buffer("codes", torch.zeros(8, dtype=torch.int8))
+    assert loaded_bytes(layer) == parameter_bytes(layer) + 8 == 48
 
 
 # --------------------------------------------------------------------------- machine, bytes

@@ -13,7 +13,7 @@ The quantization rows (``--only quant``) are 4-bit weight-only (``activations: n
 quantization of the same 210 Linears through :class:`~lightcook.callbacks.quantization.QuantizationCallback`
 (``setup`` swaps, then :meth:`~lightcook.callbacks.quantization.QuantizationCallback.gptq` for
 ``init: gptq``): round-to-nearest vs GPTQ, per output channel and per group of 64 inputs (128 does not
-divide the model's 576 hidden features), and 2-bit group-64. Same data, calibration sequences and
+divide the model's 576 hidden features), and 3-bit and 2-bit group-64. Same data, calibration sequences and
 evaluation. With ``--peers`` (run by ``.venv-bench/bin/python``, ``make bench-venv``) the peers' rows
 of experiments/bench/peers.py (llm-compressor, torchao) join the tables, measured in the same process.
 
@@ -67,6 +67,8 @@ QUANT_VARIANTS = [  # (label, QuantizationCallback options), weight-only absmax
     (f"W4 group-{GROUP} RTN", {**_GROUP, "init": "none"}),
     (f"W4 group-{GROUP} GPTQ, {PLAIN_LABEL}", {**_GROUP, "init": "gptq", **PLAIN}),
     (f"W4 group-{GROUP} GPTQ", {**_GROUP, "init": "gptq"}),
+    (f"W3 group-{GROUP} RTN", {**_GROUP, "bits": 3, "init": "none"}),
+    (f"W3 group-{GROUP} GPTQ", {**_GROUP, "bits": 3, "init": "gptq"}),
     (f"W2 group-{GROUP} RTN", {**_GROUP, "bits": 2, "init": "none"}),
     (f"W2 group-{GROUP} GPTQ", {**_GROUP, "bits": 2, "init": "gptq"}),
 ]
@@ -166,13 +168,14 @@ def render_quant(args: argparse.Namespace, results: list, tokens: int, wall: flo
         *header("oneshot.py", wall=wall),
         f"Model: SmolLM2-135M-Instruct (30 layers, 210 targeted Linears); data: Shakespeare, block 128, "
         f"batch 4; held-out ppl over {args.eval_batches} validation batches ({tokens} predicted tokens); "
-        f"calibration: {4 * args.calibration_batches} training sequences. 4-bit (W2 rows: 2-bit) symmetric absmax weights, "
+        f"calibration: {4 * args.calibration_batches} training sequences. 4-bit (W3 / W2 rows: 3 / 2-bit) symmetric absmax "
+        "weights, "
         f"activations float (`activations: none`), per output channel or per group of {GROUP} inputs "
         f"(128 does not divide the 576 hidden features); LM head and embeddings float. RTN = "
         "round-to-nearest (`init: none`); GPTQ = `init: gptq` (`blocksize` 128, `percdamp` 0.01, no "
         "act-order, one sequential block-by-block pass) through `QuantizationCallback.gptq`, no training "
         f"step; {_PASS} Time: the one-shot on {args.threads} threads (calibration included; RTN has none). "
-        "3-bit rows: lightcook has no 3-bit grid (bits 2, 4, 8). Peer rows (`--peers`) ran in the same "
+        "3-bit codes are stored bit-packed (8 codes in 3 bytes). Peer rows (`--peers`) ran in the same "
         "process (experiments/bench/peers.py), when present.",
         "",
         *table(["one-shot, no training", "held-out ppl", "vs dense", "time"], _body(results), "lrrr"),

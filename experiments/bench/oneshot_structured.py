@@ -9,7 +9,7 @@ neurons ranked by their OBS error under the calibration Hessian of the following
 removed, and the kept columns of ``o_proj`` / ``down_proj`` refit by least squares, block by block
 (two sequential passes). For comparison, ``init: taylor`` with the same one-shot: the gates ranked by
 ``|Σ ∂loss/∂z|`` on the same calibration batches, the lowest per parameter closed until the target
-is met (the same global allocation, no reconstruction), no training. The perplexity is the one of
+is met (the same allocation, no reconstruction), no training. The perplexity is the one of
 the *sliced export* (``lightcook.export.save_compressed`` then ``load_compressed``). Same data and
 evaluation as the other one-shot benchmarks: block 128, batch 4, held-out ppl over 8 validation
 batches (4,064 predicted tokens), 64 calibration sequences (16 training batches).
@@ -17,8 +17,8 @@ batches (4,064 predicted tokens), 64 calibration sequences (16 training batches)
 It rewrites the ``## One-shot structured pruning`` section of docs/benchmarks.md (other sections kept).
 
     .venv/bin/python experiments/bench/oneshot_structured.py --threads 2
-    # levers: allocation, damping, neurons only
-    .venv/bin/python experiments/bench/oneshot_structured.py --allocation uniform --no-docs
+    # levers: allocation (default uniform), damping, neurons only
+    .venv/bin/python experiments/bench/oneshot_structured.py --allocation global --no-docs
     .venv/bin/python experiments/bench/oneshot_structured.py --units neurons --no-docs
     # a smoke run that leaves docs/benchmarks.md alone
     .venv/bin/python experiments/bench/oneshot_structured.py --eval-batches 1 --calibration-batches 1 --no-docs
@@ -41,7 +41,6 @@ from lightcook.measure import perplexity
 from lightcook.modules import CausalLMModule
 from lightcook.ops.architectures import get_architecture, layer_parameter_count
 from lightcook.ops.hard_concrete import BLOCK_UNIT, gate_gradients
-from lightcook.ops.structured_obs import allocate
 from lightcook.render import table, write_section
 
 MODEL = "smollm2-135m-instruct"
@@ -55,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batches", type=int, default=8, help="held-out batches (4 x 128 tokens)")
     parser.add_argument("--calibration-batches", type=int, default=16, help="training batches of 4 sequences")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--allocation", default="global", choices=["global", "uniform"])
+    parser.add_argument("--allocation", default="uniform", choices=["global", "uniform"])
     parser.add_argument("--percdamp", type=float, default=0.01)
     parser.add_argument("--units", nargs="+", default=["heads", "neurons"], help="unit kinds to prune")
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
@@ -104,9 +103,7 @@ def taylor_one_shot(args: argparse.Namespace, target: float, calib: list) -> tup
     spans = [scores[BLOCK_UNIT[b.kind]][b.unit_offset : b.unit_offset + b.units] for b in blocks]
     orders = [torch.sort(s, stable=True).indices for s in spans]  # least important first
     curves = [s[o] for s, o in zip(spans, orders, strict=True)]
-    counts = allocate(
-        curves, [b.unit_params for b in blocks], [b.const_params for b in blocks], target, gates.layer_params
-    )
+    counts = cb._allocate(network, blocks, {b.output: c for b, c in zip(blocks, curves, strict=True)})
     removed = {kind: torch.zeros_like(scores[kind], dtype=torch.bool) for kind in scores}
     for block, order, count in zip(blocks, orders, counts, strict=True):
         removed[BLOCK_UNIT[block.kind]][block.unit_offset + order[:count]] = True

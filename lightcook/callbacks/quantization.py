@@ -128,10 +128,10 @@ class QuantizationCallback(CompressionCallback):
         >>> cb = QuantizationCallback(bits=4, granularity="group", group_size=32, method="pact")
         >>> cb.config_key, cb.spec.qmax, cb.state["calibrated"]
         ('compress.quant', 7, False)
-        >>> QuantizationCallback(bits=3)
+        >>> QuantizationCallback(bits=5)
         Traceback (most recent call last):
         ...
-        ValueError: compress.quant.bits: got 3; allowed: 2, 4, 8
+        ValueError: compress.quant.bits: got 5; allowed: 2, 3, 4, 8
     """
 
     technique = "quant"

@@ -26,9 +26,12 @@ What counts is the export's rule, so the estimate equals what the export writes:
 At the end of fit (rank 0, when any compression callback is present) it writes the ONE combined
 export (:func:`lightcook.export.save_compressed` with the ``export_options`` of every compression
 callback) and *measures* it: bytes on disk, held-out perplexity of the reloaded export
-on the first ``eval_batches`` validation batches, the forward (prefill) time and the batch-1 greedy
-decode speed (tokens/s, KV cache) against dense references built from the model's original
-configuration (float32 and bfloat16), all models interleaved in one process, medians of repeats.
+on the first ``eval_batches`` validation batches, the prefill time, the batch-1 greedy decode speed
+(tokens/s, KV cache) and the time to first token against dense references built from the model's
+original configuration (float32 and bfloat16), all models interleaved in one process, medians of
+repeats: :func:`lightcook.measure.generation_speed`, what ``python -m lightcook.bench`` measures (an
+encoder-decoder, or ``decode_tokens=0``: one forward with the cache off). The export's manifest
+records the pretrained model the run started from (``base_model``), the bench's dense baseline.
 Everything goes to ``<run_dir>/report.json``, ``report.md`` and ``report_layers.png``,
 ``report_history.png`` (and ``report_expert_load.png`` with MoE FFNs), written atomically.
 ``python -m lightcook.compare`` puts several runs side by side.
@@ -92,11 +95,11 @@ from lightcook.measure import (
     bytes_on_disk,
     causal_shift,
     cuda_sync,
+    generation_speed,
     interleaved,
     machine,
     parameter_bytes,
     perplexity,
-    prefill_and_decode,
     safetensors_payload,
 )
 from lightcook.ops.moe import moe_modules
@@ -347,7 +350,7 @@ class CompressionReport(Callback):
         model = self._network(trainer, pl_module)
         run_dir = Path(trainer.default_root_dir)
         summary = estimate_summary(model, **self._estimate_options(trainer))
-        export, error = self._export(model, run_dir, callbacks)
+        export, error = self._export(model, run_dir, callbacks, _base_model(pl_module, model))
         loaded = load_compressed(export, pl_module.device) if export is not None else None
         return {
             "version": SCHEMA_VERSION,
@@ -377,12 +380,18 @@ class CompressionReport(Callback):
         return {key: options[key] for key in ("nm", "dtype", "architecture") if key in options}
 
     def _export(
-        self, model: nn.Module, run_dir: Path, callbacks: Sequence[CompressionCallback]
+        self,
+        model: nn.Module,
+        run_dir: Path,
+        callbacks: Sequence[CompressionCallback],
+        base_model: str | None = None,
     ) -> tuple[Path | None, str | None]:
         if self.export_dir is None:
             return None, None
         options = _merged_options(callbacks)
         extra = {"compress": [cb.config_key for cb in callbacks], **options.pop("extra", {})}
+        if base_model is not None:  # the dense model `python -m lightcook.bench` compares against
+            extra.setdefault("base_model", base_model)
         try:
             dtype = None if self.export_dtype is None else getattr(torch, self.export_dtype)
             path = save_compressed(model, run_dir / self.export_dir, **options, dtype=dtype, extra=extra)
@@ -449,48 +458,66 @@ class CompressionReport(Callback):
             return out
         config = self._dense_config
         batch, tokens = self.speed_batch
-        tokens = min(tokens, _context(config) or tokens)
+        decode_note = self._decode_note(config)
+        context = _context(config)
+        if context is not None:
+            tokens = min(tokens, context - (self.decode_tokens if decode_note is None else 0))
         ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
-        inputs: dict[str, Any] = {"input_ids": ids.to(device), "use_cache": False}
-        if getattr(config, "is_encoder_decoder", False):
-            inputs["decoder_input_ids"] = inputs["input_ids"]
         models = {
             "compressed": loaded,
             "dense_fp32": _dense_model(config, torch.float32, device),
             "dense_bf16": _dense_model(config, torch.bfloat16, device),
         }
-        with torch.inference_mode():
-            fns = {name: partial(model, **inputs) for name, model in models.items()}
-            seconds = interleaved(fns, self.speed_repeats, sync=cuda_sync(device))
+        if decode_note is None:  # what `python -m lightcook.bench` measures: prefill, decode, first token
+            timing = generation_speed(
+                models,
+                ids.to(device),
+                self.decode_tokens,
+                self.speed_repeats,
+                batches=sorted({batch, 1}, reverse=True),
+                sync=cuda_sync(device),
+            )
+            seconds = timing["batches"][batch]["prefill"]
+            out["decode"] = self._decode_entry(timing, tokens)
+        else:  # one forward with the cache off (encoder-decoders: decoder inputs = the ids)
+            seconds = self._forward_seconds(models, ids.to(device), config, device)
+            out["decode"] = {"measured": False, "new_tokens": self.decode_tokens, "note": decode_note}
         out.update(measured=True, seconds={k: _round(v, 6) for k, v in seconds.items()}, tokens=tokens)
         out["speedup_vs_fp32"] = _round(seconds["dense_fp32"] / seconds["compressed"])
         out["speedup_vs_bf16"] = _round(seconds["dense_bf16"] / seconds["compressed"])
-        out["decode"] = self._decode(models, inputs["input_ids"][:1], config, device)
         return out
 
-    def _decode(
-        self, models: dict[str, nn.Module], prompt: Tensor, config: Any, device: torch.device
-    ) -> dict[str, Any]:
-        """Batch-1 greedy decode after ``prompt`` (trimmed to leave room in the context)."""
-        out: dict[str, Any] = {"measured": False, "new_tokens": self.decode_tokens, "note": None}
+    def _forward_seconds(
+        self, models: dict[str, nn.Module], ids: Tensor, config: Any, device: torch.device
+    ) -> dict[str, float]:
+        inputs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids
+        with torch.inference_mode():
+            fns = {name: partial(model, **inputs) for name, model in models.items()}
+            return interleaved(fns, self.speed_repeats, sync=cuda_sync(device))
+
+    def _decode_note(self, config: Any) -> str | None:
+        """Why batch-1 decode is not timed (``None``: it is)."""
         context = _context(config)
         if not self.decode_tokens:
-            out["note"] = "decode_tokens=0: not measured"
-        elif getattr(config, "is_encoder_decoder", False):
-            out["note"] = "encoder-decoder model: batch-1 decode not timed"
-        elif context is not None and context <= self.decode_tokens:
-            out["note"] = f"context {context} leaves no room for a prompt and {self.decode_tokens} new tokens"
-        if out["note"]:
-            return out
-        prompt = prompt[:, : context - self.decode_tokens] if context is not None else prompt
-        timing = prefill_and_decode(
-            models, prompt, self.decode_tokens, self.speed_repeats, sync=cuda_sync(device)
-        )
-        step = timing["decode"]
-        out.update(measured=True, prompt_tokens=prompt.shape[1])
-        out["prefill_seconds"] = {k: _round(v, 6) for k, v in timing["prefill"].items()}
+            return "decode_tokens=0: not measured"
+        if getattr(config, "is_encoder_decoder", False):
+            return "encoder-decoder model: batch-1 decode not timed"
+        if context is not None and context <= self.decode_tokens:
+            return f"context {context} leaves no room for a prompt and {self.decode_tokens} new tokens"
+        return None
+
+    def _decode_entry(self, timing: dict[str, Any], prompt_tokens: int) -> dict[str, Any]:
+        """Batch-1 greedy decode (and time to first token) of :func:`generation_speed`'s result."""
+        one = timing["batches"][1]
+        step = one["decode"]
+        out: dict[str, Any] = {"measured": True, "new_tokens": self.decode_tokens, "note": None}
+        out["prompt_tokens"] = prompt_tokens
+        out["prefill_seconds"] = {k: _round(v, 6) for k, v in one["prefill"].items()}
+        out["ttft_seconds"] = {k: _round(v, 6) for k, v in timing["ttft"].items()}
         out["seconds_per_token"] = {k: _round(v, 6) for k, v in step.items()}
-        out["tokens_per_second"] = {k: _round(v, 2) for k, v in timing["tokens_per_second"].items()}
+        out["tokens_per_second"] = {k: _round(v, 2) for k, v in one["tokens_per_second"].items()}
         out["speedup_vs_fp32"] = _round(step["dense_fp32"] / step["compressed"])
         out["speedup_vs_bf16"] = _round(step["dense_bf16"] / step["compressed"])
         return out
@@ -575,6 +602,16 @@ def _context(config: Any) -> int | None:
         if _is_int(value):
             return value
     return None
+
+
+def _base_model(pl_module: LightningModule, model: nn.Module) -> str | None:
+    """The pretrained model the run started from: the module's ``name_or_path`` hyperparameter, else
+    the folder its HF config was loaded from (``None`` for a randomly initialised model)."""
+    name = getattr(pl_module, "hparams", {}).get("name_or_path")
+    if isinstance(name, str) and name:
+        return name
+    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return path if isinstance(path, str) and path and Path(path).is_dir() else None
 
 
 def _dense_model(config: Any, dtype: torch.dtype, device: torch.device | str) -> nn.Module:

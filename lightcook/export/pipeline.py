@@ -27,7 +27,7 @@ Example:
     >>> mlp.up_proj.register_buffer("weight_mask", torch.tensor([True, False, True, False]).repeat(64, 8))
     >>> _ = mlp.up_proj.weight.data.mul_(mlp.up_proj.weight_mask)
     >>> path = save_compressed(model, tempfile.mkdtemp() + "/c", nm=(2, 4))
-    >>> loaded = load_compressed(path)
+    >>> loaded = load_compressed(path, backend="reference")  # exact: the stored dtype, reference modules
     >>> read_manifest(path)["techniques"], type(loaded.model.layers[0].mlp.up_proj).__name__
     (['nm', 'quantized'], 'Int8Linear')
     >>> estimate_bytes(model)["tensor_bytes"] == read_manifest(path)["tensor_bytes"]
@@ -36,6 +36,9 @@ Example:
     >>> with torch.no_grad():
     ...     torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
     True
+    >>> fast = load_compressed(path, dtype=torch.float32, backend="dense")  # any device
+    >>> fast.inference_backend, fast.quantized_kernels
+    ('dense', {'model.layers.0.mlp.up_proj': 'dense'})
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from lightcook.export.format import (
 )
 from lightcook.export.format import read_manifest as read_raw_manifest
 from lightcook.export.legacy import upgrade
+from lightcook.ops.kernels import inference_dtype, resolve_backend
 from lightcook.ops.names import GATES, linear_like
 
 __all__ = ["estimate_bytes", "load_compressed", "read_manifest", "save_compressed"]
@@ -279,6 +283,7 @@ def load_compressed(
     device: str | torch.device = "cpu",
     *,
     dtype: torch.dtype | None = None,
+    backend: str = "auto",
     semi_structured: bool | None = None,
     architecture: str | Mapping[str, Any] | None = None,
 ) -> nn.Module:
@@ -287,18 +292,28 @@ def load_compressed(
     Args:
         path: the export folder.
         device: where the model goes.
-        dtype: model dtype (``None``: the dtype the export was stored in).
+        dtype: dtype of everything not integer (embeddings, norms, attention, LM head, scales the
+            kernels read). ``None``: bfloat16 where ``device`` computes in it natively and ``backend``
+            is not ``"reference"``, else the dtype the export was stored in.
+        backend: the quantized layers' kernels (:mod:`lightcook.ops.kernels`): ``"auto"`` (the fastest
+            available: on a CPU in bfloat16, weight-only packed int8 / int4 for up to 4 rows per call,
+            int8 GEMM or the dequantized weight above), ``"reference"`` (the exact
+            :class:`~lightcook.ops.quant.Int8Linear` / :class:`~lightcook.ops.quant.DequantLinear`, in
+            the stored dtype by default), ``"dense"``, ``"packed"`` or ``"dispatch"``.
         semi_structured: 2:4 layers as ``torch.sparse.to_sparse_semi_structured`` weights (``None``: on
             CUDA with a 2:4 export in float16 / bfloat16).
         architecture: layout override for a structured export (``None``: the recorded one).
 
     Returns:
         The Hugging Face model; ``model.compressed_techniques`` lists what was applied,
-        ``quantized_formats`` / ``semi_structured_layers`` what the quantized / N:M codecs installed.
+        ``inference_backend`` the backend ``backend`` resolved to, ``quantized_formats`` /
+        ``quantized_kernels`` (stored format / kernel names per quantized layer) and
+        ``semi_structured_layers`` what the quantized / N:M codecs installed.
 
     Raises:
         ValueError: an unreadable folder (names the file and what is wrong), no ``config.json``,
-            tensors that do not fit the rebuilt model, or ``semi_structured=True`` off CUDA.
+            tensors that do not fit the rebuilt model, ``semi_structured=True`` off CUDA, or a
+            ``backend`` unknown or unavailable on ``device`` with ``dtype`` (lists the available ones).
 
     Example:
         >>> # model = load_compressed("outputs/runs/<id>/compressed"); model(input_ids).logits
@@ -307,9 +322,11 @@ def load_compressed(
     config = read_config(path)
     if config is None:
         raise ValueError(f"{path}: no config.json; load_compressed rebuilds Hugging Face models only")
+    device = torch.device(device)
+    dtype = dtype or inference_dtype(device, backend, getattr(torch, manifest.get("dtype", "float32")))
+    backend = resolve_backend(backend, device, dtype)
     tensors = read_tensors(path)
-    dtype = dtype or getattr(torch, manifest.get("dtype", "float32"))
-    dec = Decoding(model_from_config(config).to(dtype), tensors, dtype, torch.device(device))
+    dec = Decoding(model_from_config(config).to(dtype), tensors, dtype, device, backend=backend)
     dec.semi_structured = semi_structured
     if architecture is not None:
         dec.held["architecture"] = architecture
@@ -324,4 +341,5 @@ def load_compressed(
     for codec in present:
         codec.finish(dec, manifest[codec.name])
     dec.model.compressed_techniques = list(manifest["techniques"])  # type: ignore[assignment]
+    dec.model.inference_backend = backend  # type: ignore[assignment]
     return dec.model

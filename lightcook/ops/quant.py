@@ -78,7 +78,7 @@ __all__ = [
     "unpack_int4",
 ]
 
-_BITS = (8, 4, 2)
+_BITS = (8, 4, 3, 2)
 _GRANULARITIES = ("tensor", "channel", "group")
 ACT_MODES = ("dynamic", "static", "none")
 """Activation quantization modes of :class:`ActivationQuantizer`."""
@@ -973,8 +973,11 @@ def _pack(codes: Tensor, bits: int, signed: bool) -> tuple[Tensor, int]:
     lo, hi = _code_range(bits, signed)
     if codes.numel() and (codes.min() < lo or codes.max() > hi):
         raise ValueError(f"{bits}-bit {'signed' if signed else 'unsigned'} codes must lie in [{lo}, {hi}]")
-    per, n = 8 // bits, codes.shape[-1]
+    n = codes.shape[-1]
     u = (codes.to(torch.int16) & (2**bits - 1)).to(torch.uint8)  # two's complement field
+    if 8 % bits:
+        return _pack_bitstream(u, bits), n
+    per = 8 // bits
     u = F.pad(u, (0, (-n) % per)).reshape(*codes.shape[:-1], -1, per)  # (..., ceil(n / per), per)
     packed = u[..., 0].clone()
     for i in range(1, per):
@@ -982,12 +985,37 @@ def _pack(codes: Tensor, bits: int, signed: bool) -> tuple[Tensor, int]:
     return packed, n
 
 
+def _pack_bitstream(u: Tensor, bits: int) -> Tensor:
+    """Fields (..., n) of ``bits`` bits each, laid end to end, low bits first: 3-bit codes go 8 to
+    3 bytes. Returns uint8 (..., ceil(n * bits / 8))."""
+    n = u.shape[-1]
+    words = F.pad(u, (0, (-n) % 8)).reshape(*u.shape[:-1], -1, 8).to(torch.int64)  # 8 fields -> bits bytes
+    word = words[..., 0].clone()  # (..., ceil(n / 8)) of 8 * bits bits
+    for i in range(1, 8):
+        word |= words[..., i] << (i * bits)
+    out = torch.stack([(word >> (8 * b)) & 0xFF for b in range(bits)], -1).to(torch.uint8)
+    return out.reshape(*u.shape[:-1], -1)[..., : -(-n * bits // 8)]
+
+
+def _unpack_bitstream(packed: Tensor, bits: int, length: int) -> Tensor:
+    groups = -(-packed.shape[-1] // bits)
+    by = F.pad(packed, (0, groups * bits - packed.shape[-1])).reshape(*packed.shape[:-1], groups, bits)
+    word = by[..., 0].to(torch.int64)  # (..., groups)
+    for b in range(1, bits):
+        word |= by[..., b].to(torch.int64) << (8 * b)
+    fields = torch.stack([(word >> (i * bits)) & (2**bits - 1) for i in range(8)], -1)
+    return fields.reshape(*packed.shape[:-1], -1)[..., :length].to(torch.uint8)
+
+
 def _unpack(packed: Tensor, bits: int, length: int, signed: bool) -> Tensor:
-    per = 8 // bits
-    if packed.dtype != torch.uint8 or not 0 <= length <= packed.shape[-1] * per:
+    if packed.dtype != torch.uint8 or not 0 <= length <= packed.shape[-1] * 8 // bits:
         raise ValueError(f"need uint8 packed data holding at least length={length} {bits}-bit codes")
-    fields = [(packed >> (i * bits)) & (2**bits - 1) for i in range(per)]
-    u = torch.stack(fields, -1).reshape(*packed.shape[:-1], -1)[..., :length]
+    if 8 % bits:
+        u = _unpack_bitstream(packed, bits, length)
+    else:
+        per = 8 // bits
+        fields = [(packed >> (i * bits)) & (2**bits - 1) for i in range(per)]
+        u = torch.stack(fields, -1).reshape(*packed.shape[:-1], -1)[..., :length]
     if not signed:
         return u
     half = 2 ** (bits - 1)
@@ -1022,7 +1050,15 @@ def unpack_int2(packed: Tensor, length: int, signed: bool = True) -> Tensor:
 
 
 def pack_codes(codes: Tensor, bits: int, signed: bool = True) -> Tensor:
-    """Codes (..., n) -> uint8 (..., ceil(n * bits / 8)); 8-bit codes are stored byte for byte."""
+    """Codes (..., n) -> uint8 (..., ceil(n * bits / 8)); 8-bit codes are stored byte for byte, 4- and
+    2-bit codes two / four per byte, 3-bit codes as one bit stream (8 codes in 3 bytes).
+
+    Example:
+        >>> codes = torch.tensor([[-4, 3, 0, 1, -1, 2, -3, -2, 1]])
+        >>> packed = pack_codes(codes, 3)
+        >>> packed.shape, torch.equal(unpack_codes(packed, 3, 9), codes.to(torch.int8))
+        (torch.Size([1, 4]), True)
+    """
     _check_bits(bits)
     if bits == 8:
         return codes.to(torch.int8).view(torch.uint8) if signed else codes.to(torch.uint8)
@@ -1180,7 +1216,7 @@ def fake_quant_input(x: Tensor, quantization: tuple[str, int, Tensor | None] | N
 # --------------------------------------------------------------------------- configuration and transforms
 
 #: Allowed weight / activation bit widths, as a user types them.
-BITS = (2, 4, 8)
+BITS = (2, 3, 4, 8)
 #: Allowed starting points of the weights (:attr:`QuantConfig.init`).
 INITS = ("none", "gptq")
 

@@ -292,12 +292,42 @@ def _take_cheapest(
     owner = torch.cat([torch.full((len(p),), j) for j, p in enumerate(prices)])
     order = torch.sort(torch.cat(prices), stable=True).indices  # block-major ties: in-block order kept
     removed = 0.0
+    closed: set[int] = set()  # blocks whose next unit would overshoot: their later units wait too
     for j in owner[order].tolist():
         i = members[j]
+        if i in closed:
+            continue
+        size = _removal_size(i, counts, curves, unit_params, const_params)
+        if removed + size > need:
+            closed.add(i)
+            continue
         counts[i] += 1
-        removed += unit_params[i] + (const_params[i] if counts[i] == len(curves[i]) else 0)
+        removed += size
         if removed >= need:
             return
+    # Short of ``need`` by less than every unit that was skipped: close the gap with the smallest
+    # next removal (a neuron rather than a head), the cheapest among equals.
+    open_ = [j for j, i in enumerate(members) if counts[i] < len(curves[i])]
+    if removed < need and open_:
+        j = min(
+            open_,
+            key=lambda j: (
+                _removal_size(members[j], counts, curves, unit_params, const_params),
+                float(prices[j][counts[members[j]]]),
+            ),
+        )
+        counts[members[j]] += 1
+
+
+def _removal_size(
+    i: int,
+    counts: list[int],
+    curves: Sequence[Tensor],
+    unit_params: Sequence[int],
+    const_params: Sequence[int],
+) -> int:
+    """Parameters block ``i``'s next removal takes (its constant part too when it is the last unit)."""
+    return unit_params[i] + (const_params[i] if counts[i] + 1 == len(curves[i]) else 0)
 
 
 #: Greedy steps a projection's removals take at most (:func:`greedy_step`): one unit per step costs

@@ -360,7 +360,7 @@ def test_gptq_ddp_spawn_two_ranks_agree(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"bits": 3}, r"compress\.quant\.bits: got 3; allowed: 2, 4, 8"),
+        ({"bits": 5}, r"compress\.quant\.bits: got 5; allowed: 2, 3, 4, 8"),
         ({"bits": True}, r"compress\.quant\.bits: got True"),
         (
             {"granularity": "row"},
@@ -374,7 +374,7 @@ def test_gptq_ddp_spawn_two_ranks_agree(tmp_path):
             {"activations": "per_token"},
             r"compress\.quant\.activations: got 'per_token'; allowed: 'dynamic', 'static', 'none'",
         ),
-        ({"act_bits": 16}, r"compress\.quant\.act_bits: got 16; allowed: 2, 4, 8"),
+        ({"act_bits": 16}, r"compress\.quant\.act_bits: got 16; allowed: 2, 3, 4, 8"),
         ({"symmetric": "yes"}, r"compress\.quant\.symmetric: got 'yes'; allowed: True, False"),
         ({"method": "dynamic", "symmetric": False}, r"compress\.quant\.symmetric: method 'dynamic'"),
         ({"group_size": 0}, r"compress\.quant\.group_size: must lie in \[1, inf\], got 0"),
@@ -514,8 +514,16 @@ def test_app_quant_run_exports_a_loadable_int8_model(compose):
     assert manifest["techniques"] == ["quantized"] and len(manifest["quantized"]) == LLAMA_TARGETS
     assert {layer["format"] for layer in manifest["quantized"].values()} == {"int8"}
     assert manifest["weight_bytes"] < 0.27 * manifest["fp32_weight_bytes"]
-    model = load_compressed(export)
+    model = load_compressed(export, backend="reference")
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == LLAMA_TARGETS
+    fast = load_compressed(export)  # the default: the fastest kernels here, bfloat16 around them
+    assert len(fast.quantized_kernels) == LLAMA_TARGETS and fast.inference_backend in (
+        "dispatch",
+        "reference",
+    )
+    assert fast.inference_backend == "reference" or set(fast.quantized_kernels.values()) == {
+        "int8pack|int_mm"
+    }
     ids = torch.randint(0, 49152, (2, 32))
     with torch.no_grad():
         logits = model(input_ids=ids).logits

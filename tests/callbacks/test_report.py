@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightcook.callbacks.moefication import MoEficationCallback
 from lightcook.callbacks.quantization import QuantizationCallback
@@ -138,7 +139,7 @@ def test_export_is_what_the_live_model_computes(quant_nm_run):
     ppl = report["ppl"]
     assert ppl["eval_batches"] == 2 and ppl["eval_tokens"] == 2 * 2 * 15
     assert ppl["export"] == pytest.approx(ppl["live"], rel=1e-3)
-    loaded = load_compressed(root / "compressed")
+    loaded = load_compressed(root / "compressed", backend="reference")  # exact: stored dtype
     ids = token_loader(1, seed=3, vocab=VOCAB).dataset[0]["input_ids"][None]
     module.model.eval()
     with torch.no_grad():
@@ -163,7 +164,7 @@ def test_decode_is_measured_interleaved_against_both_dense_references(quant_nm_r
         assert decode["tokens_per_second"][name] == pytest.approx(
             1 / decode["seconds_per_token"][name], rel=0.01
         )
-        assert decode["prefill_seconds"][name] > 0
+        assert decode["prefill_seconds"][name] > 0 and decode["ttft_seconds"][name] > 0
     assert decode["speedup_vs_fp32"] == pytest.approx(
         decode["seconds_per_token"]["dense_fp32"] / decode["seconds_per_token"]["compressed"], rel=0.01
     )
@@ -171,6 +172,17 @@ def test_decode_is_measured_interleaved_against_both_dense_references(quant_nm_r
     assert "| decode, batch 1, 4 new tokens after 16: export / dense fp32 / dense bf16 |" in text
     assert f"{decode['speedup_vs_bf16']:.2f} x |" in text.split("decode speedup vs dense fp32 / bf16")[1]
     assert report["machine"]["torch"] == torch.__version__ and "Measured on: " in text
+
+
+def test_the_export_records_the_base_model_for_the_bench(tmp_path):
+    config = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    folder = tmp_path / "base"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(folder)
+    module = CausalLMModule(name_or_path=str(folder), tokenizer=None)
+    report = small_report(measure_speed=False, eval_batches=0, plots=False)
+    fit(tmp_path / "run", [QuantizationCallback(), report], module=module, vocab=TINY_LLAMA["vocab_size"])
+    assert read_manifest(tmp_path / "run" / "compressed")["base_model"] == str(folder)
 
 
 def test_decode_skipped_when_off_or_no_room(tmp_path):

@@ -354,7 +354,7 @@ def test_reaches_the_target_freezes_and_exports(tmp_path):  # ~25 s
     # (gated, eval) model's outputs
     path = save_compressed(module.model, tmp_path / "compressed")
     assert read_manifest(path)["techniques"] == ["structured"]
-    sliced = load_compressed(path)
+    sliced = load_compressed(path, backend="reference")  # the stored float32
     ids = torch.randint(0, VOCAB, (2, 12))
     module.eval()
     with torch.no_grad():
@@ -693,7 +693,7 @@ def test_smollm2_gates_train_and_export(tmp_path):
     trainer = make_trainer(tmp_path, [cb], max_steps=3)
     trainer.fit(module, data)
     assert cb.gates.layer_params == layer_parameter_count(module.model, cb.architecture)
-    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"))
+    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"), backend="reference")
     ids = torch.randint(0, 49152, (1, 16))
     module.eval()
     with torch.no_grad():
@@ -726,7 +726,7 @@ def test_obs_one_shot_meets_the_target_freezes_and_the_sliced_export_is_the_gate
     values = cb.gates.deterministic()
     assert all(bool(((v == 0) | (v == 1)).all()) for v in values.values())  # closed, or fully open
     ids = torch.randint(0, VOCAB, (2, 12))
-    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"))
+    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"), backend="reference")
     torch.testing.assert_close(_logits(sliced, ids), _logits(module.model, ids), rtol=1e-5, atol=1e-5)
     assert layer_parameter_count(sliced, cb.architecture) == summary["layer_parameters_deterministic"]
 
@@ -854,7 +854,7 @@ def test_obs_one_shot_on_gpt2_conv1d_projections(tmp_path):
     changed = [k for k, v in module.model.state_dict().items() if k in dense and not torch.equal(v, dense[k])]
     assert sorted({k.split(".", 3)[-1] for k in changed}) == ["attn.c_proj.weight", "mlp.c_proj.weight"]
     ids = torch.randint(0, VOCAB, (2, 12))
-    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"))
+    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"), backend="reference")
     torch.testing.assert_close(_logits(sliced, ids), _logits(module.model, ids), rtol=1e-5, atol=1e-5)
 
 
@@ -871,7 +871,7 @@ def test_smollm2_obs_one_shot_exports_the_gated_model(tmp_path):
     cb.obs_init(module, batches=batches)
     summary = cb.summary()
     assert summary["target_met"] is True and cb.state["phase"] == "fixed"
-    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"))
+    sliced = load_compressed(save_compressed(module.model, tmp_path / "compressed"), backend="reference")
     ids = torch.randint(0, 49152, (1, 16))
     torch.testing.assert_close(_logits(sliced, ids), _logits(module.model, ids), rtol=1e-4, atol=1e-4)
     assert layer_parameter_count(sliced, cb.architecture) == summary["layer_parameters_deterministic"]

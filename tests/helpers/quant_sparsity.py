@@ -72,5 +72,6 @@ class TrainingStarted(Callback):
 
 
 def export_and_load(network: nn.Module, path: Path, **options: Any) -> nn.Module:
-    """Write ``network`` with the one compressed export and load it back (eval mode)."""
-    return load_compressed(save_compressed(network, path, **options))
+    """Write ``network`` with the one compressed export and load it back (eval mode) on the reference
+    modules in the stored dtype: exactly what the network computes."""
+    return load_compressed(save_compressed(network, path, **options), backend="reference")

@@ -80,8 +80,8 @@ def test_quant_spec_range(bits, symmetric, qmin, qmax):
 
 
 def test_quant_spec_errors():
-    with pytest.raises(ValueError, match=r"bits.*\[8, 4, 2\].*3"):
-        QuantSpec(bits=3)
+    with pytest.raises(ValueError, match=r"bits.*\[8, 4, 3, 2\].*5"):
+        QuantSpec(bits=5)
     with pytest.raises(ValueError, match=r"granularity.*'tensor', 'channel', 'group'.*'row'"):
         QuantSpec(granularity="row")
     with pytest.raises(ValueError, match="group_size"):
@@ -621,7 +621,8 @@ def test_pack_byte_layout_and_errors():
 
 
 @pytest.mark.parametrize(
-    ("bits", "signed"), [(8, True), (8, False), (4, True), (4, False), (2, True), (2, False)]
+    ("bits", "signed"),
+    [(8, True), (8, False), (4, True), (4, False), (3, True), (3, False), (2, True), (2, False)],
 )
 def test_pack_codes_round_trip(bits, signed):
     spec = QuantSpec(bits=bits, symmetric=signed)
@@ -632,6 +633,20 @@ def test_pack_codes_round_trip(bits, signed):
     assert torch.equal(unpack_codes(packed, bits, 10, signed), codes)
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 576])
+def test_3bit_codes_are_numpy_packbits_of_the_little_endian_bit_stream(n):
+    """3-bit codes are one bit stream, code i in bits [3i, 3i+3) (low bit first): the same bytes as
+    numpy's packbits over every code's 3 bits, little-endian, and ceil(3n / 8) of them."""
+    np = pytest.importorskip("numpy")
+    codes = torch.randint(-4, 4, (2, n), generator=_gen(n))
+    fields = (codes & 0b111).numpy().astype(np.uint8)  # two's complement fields
+    bit_stream = np.unpackbits(fields[..., None], axis=-1, bitorder="little")[..., :3].reshape(2, -1)
+    expected = np.packbits(bit_stream, axis=-1, bitorder="little")
+    packed = pack_codes(codes, 3)
+    assert packed.numpy().tolist() == expected.tolist() and packed.shape[-1] == math.ceil(3 * n / 8)
+    assert torch.equal(unpack_codes(packed, 3, n), codes.to(torch.int8))
+
+
 # --------------------------------------------------------------------------- config and transforms
 
 
@@ -639,7 +654,7 @@ def test_quant_config_checks_every_field_without_a_prefix():
     from lightcook.ops.quant import QuantConfig
 
     cases = {
-        "bits": {"bits": 3},
+        "bits": {"bits": 5},
         "granularity": {"granularity": "row"},
         "group_size": {"group_size": 0},
         "symmetric": {"symmetric": 1},

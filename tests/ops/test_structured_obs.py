@@ -219,6 +219,21 @@ def test_uniform_allocation_removes_the_fraction_of_each_layer():
     assert allocate(curves, [1, 1, 1], [0, 0, 0], 0.5, total=12, layers=[0, 0, 1]) == [2, 2, 3]
 
 
+def test_allocation_does_not_overshoot_by_a_big_unit():
+    """A head (10 parameters) that would carry the removal past the target is skipped for neurons
+    (1 each), so the removal ends within one neuron above the target (a per-layer 50% with heads of
+    8% of a layer used to land at 51.4%)."""
+    curves = [torch.tensor([1.0]), torch.full((8,), 5.0)]
+    assert allocate(curves, [10, 1], [0, 0], target=6 / 18) == [0, 6]  # the head alone: 10 > 6
+    assert allocate(curves, [10, 1], [0, 0], target=5.5 / 18) == [0, 6]  # the gap closed by a neuron
+    assert allocate(curves, [10, 1], [0, 0], target=11 / 18) == [1, 1]  # the head fits: taken first
+    curves[1] = torch.full((30,), 5.0)  # enough neurons to close any gap (a layer has 1,536)
+    for target in torch.linspace(0.05, 0.95, 19).tolist():
+        counts = allocate(curves, [10, 1], [0, 0], target, layers=[0, 0])
+        removed = counts[0] * 10 + counts[1]
+        assert target * 40 <= removed < target * 40 + 1 + 1e-9
+
+
 def test_allocation_rejects_a_bad_target():
     with pytest.raises(ValueError, match=r"^target: must lie in \[0, 1\]"):
         allocate([torch.ones(2)], [1], [0], 1.5)

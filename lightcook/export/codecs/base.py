@@ -133,6 +133,7 @@ class Decoding:
         device: where the model goes.
         filled: state-dict keys a codec fills in itself (not expected among the plain tensors).
         semi_structured: the 2:4 CUDA kernel choice (``None``: automatic).
+        backend: the quantized layers' inference backend, resolved (:mod:`lightcook.ops.kernels`).
         held: what a codec's ``decode`` keeps for its ``finish`` (by codec name).
     """
 
@@ -142,6 +143,7 @@ class Decoding:
     device: torch.device
     filled: set[str] = field(default_factory=set)
     semi_structured: bool | None = None
+    backend: str = "reference"
     held: dict[str, Any] = field(default_factory=dict)
 
 

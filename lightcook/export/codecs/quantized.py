@@ -10,11 +10,14 @@ Every :class:`~lightcook.ops.quant.QuantLinear` is stored as
     ``<layer>.bias``               plain (when the layer has one)
     ``<layer>.input_amax``         float scalar (static activations only)
 
-with one manifest entry per layer. At load time each layer becomes
+with one manifest entry per layer. At load time each layer first becomes its reference module,
 :class:`~lightcook.ops.quant.Int8Linear` (symmetric per-tensor / per-channel weights of any bit width
 with 8-bit activations: one int8 GEMM, ``torch._int_mm`` or cpm_kernels) or
 :class:`~lightcook.ops.quant.DequantLinear` (group-wise, asymmetric, weight-only or sub-8-bit
-activations: dequantize, then a float matmul).
+activations: dequantize, then a float matmul); then, unless the backend is ``"reference"``,
+:func:`~lightcook.ops.kernels.install_kernels_` puts it on the load-time kernels
+(:class:`~lightcook.ops.kernels.KernelLinear`: weight-only packed int8 / int4 for few rows, int8 GEMM
+or a dequantized weight for many). ``model.quantized_kernels`` names the kernel(s) of every layer.
 
 Example:
     >>> from lightcook.export.codecs.base import Encoding
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightcook.export.codecs.base import Codec, Decoding, Encoding, LayerBytes, kept_weights, nm_packed
+from lightcook.ops.kernels import install_kernels_
 from lightcook.ops.names import MASK
 from lightcook.ops.quant import (
     ActivationQuantizer,
@@ -241,3 +245,5 @@ class QuantizedCodec(Codec):
             build = _build_int8 if layer["format"] == INT8 else _build_dequant
             dec.model.set_submodule(name, build(layer, layers[name], dec.dtype).to(dec.device).eval())
         dec.model.quantized_formats = {name: layer["format"] for name, layer in entry.items()}  # type: ignore[assignment]
+        kernels = install_kernels_(dec.model, entry, dec.backend, dtype=dec.dtype)
+        dec.model.quantized_kernels = kernels  # type: ignore[assignment]

@@ -65,7 +65,7 @@ def test_export_reloads_as_the_moe_model(tmp_path, config, router):
     manifest = read_manifest(path)
     assert manifest["techniques"] == ["moe"] and len(manifest["moe"]) == 2
     assert all(spec["num_experts"] == 8 and spec["top_k"] == 2 for spec in manifest["moe"].values())
-    loaded = load_compressed(path)
+    loaded = load_compressed(path, backend="reference")
     assert sorted(moe_modules(loaded)) == sorted(moe_modules(model))
     assert all(bool(m.routed) and m.top_k == 2 and not m.training for m in moe_modules(loaded).values())
     ids = random_batch(seed=7)["input_ids"]
@@ -77,7 +77,7 @@ def test_export_reloads_as_the_moe_model(tmp_path, config, router):
 
 def test_relufied_export_keeps_relu(tmp_path):
     model, _ = moefied(TINY_LLAMA, relufy=True)
-    loaded = load_compressed(save_compressed(model, tmp_path / "moe"))
+    loaded = load_compressed(save_compressed(model, tmp_path / "moe"), backend="reference")
     assert all(bool(m.relu) for m in moe_modules(loaded).values())
     assert read_manifest(tmp_path / "moe")["moe"]["model.layers.0.mlp"]["relu"]
     ids = random_batch(seed=3)["input_ids"]
@@ -87,7 +87,7 @@ def test_relufied_export_keeps_relu(tmp_path):
 
 def test_loaded_model_runs_the_sparse_path(tmp_path):
     model, _ = moefied(TINY_LLAMA)
-    loaded = load_compressed(save_compressed(model, tmp_path / "moe"))
+    loaded = load_compressed(save_compressed(model, tmp_path / "moe"), backend="reference")
     moe = loaded.model.layers[0].mlp
     calls = []
     moe._sparse = (lambda original: lambda x: calls.append(x.shape) or original(x))(moe._sparse)
@@ -101,14 +101,14 @@ def test_tied_embeddings_are_stored_once(tmp_path):
     path = save_compressed(model, tmp_path / "moe")
     manifest = read_manifest(path)
     assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    loaded = load_compressed(path)
+    loaded = load_compressed(path, backend="reference")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
 
 def test_unsplit_moe_ffn_reloads_computing_densely(tmp_path):
     model = hf_model(TINY_LLAMA)
     MoEficationCallback(num_experts=8, top_k=2).prepare_model(None, model)  # routing still off
-    loaded = load_compressed(save_compressed(model.eval(), tmp_path / "b"))
+    loaded = load_compressed(save_compressed(model.eval(), tmp_path / "b"), backend="reference")
     assert not any(bool(m.routed) for m in moe_modules(loaded).values())
     ids = random_batch(seed=2)["input_ids"]
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_estimate_equals_the_written_tensors(tmp_path, config, dtype):
 
 def test_export_is_not_a_plain_dense_model_in_disguise(tmp_path):
     model, _ = moefied(TINY_LLAMA)
-    loaded = load_compressed(save_compressed(model, tmp_path / "moe"))
+    loaded = load_compressed(save_compressed(model, tmp_path / "moe"), backend="reference")
     assert isinstance(loaded.model.layers[1].mlp, MoEFFN)
     assert loaded.model.layers[1].mlp.router.fc1.weight.requires_grad is False
 
@@ -143,7 +143,7 @@ def test_carved_export_round_trip_keeps_the_shared_experts(tmp_path):
     path = save_compressed(model, tmp_path / "carved")
     specs = read_manifest(path)["moe"]
     assert all(spec["shared_experts"] == 2 and spec["router"] == "representative" for spec in specs.values())
-    loaded = load_compressed(path)
+    loaded = load_compressed(path, backend="reference")
     moes = moe_modules(loaded)
     assert all(
         m.shared_experts == 2 and m.routed_experts == 6 and m.compute_fraction == 0.5 for m in moes.values()

@@ -50,7 +50,7 @@ def test_round_trip_is_exact(tmp_path, kind):
     manifest = read_manifest(out)["nm"]
     expected_layers = 2 * (7 if kind == "llama" else 4)
     assert len(manifest["layers"]) == expected_layers and manifest["n"] == 2 and manifest["m"] == 4
-    loaded = load_compressed(out)
+    loaded = load_compressed(out, backend="reference")
     a, b = plain_state(model), loaded.state_dict()
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
@@ -71,7 +71,7 @@ def test_tied_head_is_stored_once_and_retied(tmp_path):
     out = save_compressed(model, tmp_path / "t")
     manifest = read_manifest(out)
     assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    loaded = load_compressed(out)
+    loaded = load_compressed(out, backend="reference")
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
@@ -101,7 +101,7 @@ def test_packed_tensors_and_bytes(tmp_path):
 
 def test_half_export_loads_in_half_and_matches_cast(tmp_path):
     model = pruned_model("llama")
-    loaded = load_compressed(save_compressed(model, tmp_path / "h", dtype=torch.float16))
+    loaded = load_compressed(save_compressed(model, tmp_path / "h", dtype=torch.float16), backend="reference")
     assert loaded.dtype == torch.float16
     ref = plain_state(model)
     assert all(torch.equal(v, ref[k].half()) for k, v in loaded.state_dict().items())
@@ -109,7 +109,7 @@ def test_half_export_loads_in_half_and_matches_cast(tmp_path):
 
 def test_other_n_m(tmp_path):
     model = pruned_model("llama", n=1, m=8)
-    loaded = load_compressed(save_compressed(model, tmp_path / "18", nm=(1, 8)))
+    loaded = load_compressed(save_compressed(model, tmp_path / "18", nm=(1, 8)), backend="reference")
     ref = plain_state(model)
     assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
 
@@ -118,7 +118,7 @@ def test_masks_of_another_pattern_are_stored_dense(tmp_path):
     model = pruned_model("llama", n=1, m=4)
     out = save_compressed(model, tmp_path / "b")  # nm=(2, 4): the 1:4 masks only zero weights
     assert read_manifest(out)["techniques"] == []
-    loaded = load_compressed(out)
+    loaded = load_compressed(out, backend="reference")
     ref = plain_state(model)
     assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
 
@@ -171,8 +171,8 @@ def test_estimate_during_sr_ste_counts_the_folded_weight(tmp_path):
 def test_cuda_semi_structured_linears(tmp_path):
     model = pruned_model("llama", hidden_size=128, intermediate_size=256)
     out = save_compressed(model, tmp_path / "cuda", dtype=torch.float16)
-    sparse = load_compressed(out, device="cuda")
-    dense = load_compressed(out, device="cuda", semi_structured=False)
+    sparse = load_compressed(out, device="cuda", backend="reference")
+    dense = load_compressed(out, device="cuda", semi_structured=False, backend="reference")
     assert len(sparse.semi_structured_layers) == 2 * 7
     q = sparse.model.layers[0].self_attn.q_proj.weight
     assert isinstance(q, torch.sparse.SparseSemiStructuredTensor)
@@ -198,6 +198,6 @@ def test_smollm2_transposable_prune_export_round_trip(tmp_path):
     out = save_compressed(module.model, tmp_path / "smol", dtype=torch.float16)
     estimate = estimate_bytes(module.model, dtype=torch.float16)
     assert estimate["by_technique"]["nm"] / (estimate["fp32_weight_bytes"] / 2) == pytest.approx(0.5625)
-    loaded = load_compressed(out)
+    loaded = load_compressed(out, backend="reference")
     ref = plain_state(module.model)
     assert [k for k, v in loaded.state_dict().items() if not torch.equal(v, ref[k].half())] == []
