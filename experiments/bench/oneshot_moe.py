@@ -39,7 +39,6 @@ from lightcook.render import table, write_section
 
 MODEL = "smollm2-135m-instruct"
 SECTION = "## One-shot carved MoE"
-EXPERTS, SHARED, TOP_K = 32, 4, 4  # (4 shared + 4 routed) / 32 = 25% of each FFN
 LAYER = 15  # the FFN timed
 
 
@@ -49,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calibration-batches", type=int, default=16, help="training batches of 4 sequences")
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps after the carve")
     parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate (AdamW)")
+    parser.add_argument("--experts", type=int, default=32, help="compress.moe.num_experts")
+    parser.add_argument("--shared", type=int, default=4, help="compress.moe.shared_experts (always on)")
+    parser.add_argument(
+        "--top-k", type=int, default=4, help="routed experts per token: (shared + top-k) / experts"
+    )
     parser.add_argument("--active-fraction", type=float, default=0.25, help="compress.moe.active_fraction")
     parser.add_argument("--repeats", type=int, default=30, help="interleaved FFN timing repeats")
     parser.add_argument("--threads", type=int, default=2)
@@ -58,9 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def carve_callback(args: argparse.Namespace, calibration: int, **kwargs) -> MoEficationCallback:
     return MoEficationCallback(
-        num_experts=EXPERTS,
-        shared_experts=SHARED,
-        top_k=TOP_K,
+        num_experts=args.experts,
+        shared_experts=args.shared,
+        top_k=args.top_k,
         split="carve",
         router="representative",
         active_fraction=args.active_fraction,
@@ -129,12 +133,12 @@ def run(args: argparse.Namespace) -> dict:
     cb = carve_callback(args, len(calib))
     carved, secs = one_shot(cb, calib)
     res["carved"] = (perplexity(carved.model, val).value, secs)
-    print(("carved 25%, no training", res["carved"]), flush=True)
+    print(("carved, no training", res["carved"]), flush=True)
     res["ffn"] = ffn_speed(carved, args, val)
     del carved
 
     co = MoEficationCallback(
-        num_experts=EXPERTS, top_k=EXPERTS // 4, split="coactivation", router="mlp",
+        num_experts=args.experts, top_k=args.experts // 4, split="coactivation", router="mlp",
         calibration_batches=len(calib), plot=False,
     )  # fmt: skip
     coact, secs = one_shot(co, calib)
@@ -156,13 +160,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def render(args: argparse.Namespace, res: dict, wall: float) -> str:
     dense = res["dense"]
+    share = f"{(args.shared + args.top_k) / args.experts:.1%}".replace(".0%", "%")
     body = [["dense", "100%", f"{dense:.2f}", "1.00x", "—", "—"]]
     body.append(
-        [f"carved (CMoE): {SHARED} shared + top {TOP_K} of {EXPERTS - SHARED} routed, representative router",
-         "25%", f"{res['carved'][0]:.2f}", f"{res['carved'][0] / dense:.2f}x", "—", f"{res['carved'][1]:.1f} s"]
+        [f"carved (CMoE): {args.shared} shared + top {args.top_k} of {args.experts - args.shared} routed, representative router",
+         share, f"{res['carved'][0]:.2f}", f"{res['carved'][0] / dense:.2f}x", "—", f"{res['carved'][1]:.1f} s"]
     )  # fmt: skip
     body.append(
-        [f"co-activation split, top {EXPERTS // 4} of {EXPERTS}, MLP router (no relufy)", "25%",
+        [f"co-activation split, top {args.experts // 4} of {args.experts}, MLP router (no relufy)", "25%",
          f"{res['coactivation'][0]:.2f}", f"{res['coactivation'][0] / dense:.2f}x", "—",
          f"{res['coactivation'][1]:.1f} s"]
     )  # fmt: skip
@@ -173,7 +178,7 @@ def render(args: argparse.Namespace, res: dict, wall: float) -> str:
              f"{res['dense_ft'][1]:.0f} s"]
         )  # fmt: skip
         body.append(
-            [f"carved + {args.steps} fine-tuning steps (experts and routers)", "25%",
+            [f"carved + {args.steps} fine-tuning steps (experts and routers)", share,
              f"{res['carved_ft'][0]:.2f}", f"{res['carved_ft'][0] / dense:.2f}x",
              f"{res['carved_ft'][0] / ft:.2f}x", f"{res['carved_ft'][1]:.0f} s"]
         )  # fmt: skip
@@ -189,7 +194,8 @@ def render(args: argparse.Namespace, res: dict, wall: float) -> str:
         f"block 128, batch 4; held-out ppl over {args.eval_batches} validation batches ({res['tokens']} "
         f"predicted tokens); calibration: {4 * args.calibration_batches} training sequences (activations "
         f"captured on the dense model). Share of each FFN computed = (shared + routed top-k) / experts. Carve: "
-        f"`split: carve`, `shared_experts: {SHARED}`, `top_k: {TOP_K}`, `num_experts: {EXPERTS}` (48 neurons "
+        f"`split: carve`, `shared_experts: {args.shared}`, `top_k: {args.top_k}`, `num_experts: {args.experts}` "
+        f"({1536 // args.experts} neurons "
         f"each), `active_fraction: {args.active_fraction}`, `router: representative` (built from the weights "
         "of each expert's representative neuron, no router training). Co-activation: the existing split, MLP "
         "routers fitted 200 Adam steps on the calibration tokens. Fine-tuning: AdamW, lr "
@@ -207,7 +213,7 @@ def render(args: argparse.Namespace, res: dict, wall: float) -> str:
         "repeats: Hugging Face `LlamaMLP` vs the carved `MoEFFN` (sparse path: the shared experts for every "
         "token, then the top-4 routed experts grouped by expert) with the same weights.",
         "",
-        *table(["shape", "dense FFN ms", "carved 25% ms", "speed-up"], speed, "lrrr"),
+        *table(["shape", "dense FFN ms", f"carved {share} ms", "speed-up"], speed, "lrrr"),
         "",
     ]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ becomes a callback; those with a ``summary()`` method report into ``summary.json
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import warnings
 from collections.abc import Mapping
@@ -37,6 +38,9 @@ from lightcook.app.slurm import (
     spawn_ranks,
 )
 from lightcook.app.timing import StepTimer
+from lightcook.callbacks.base import compression_callbacks
+from lightcook.callbacks.report import merged_export_options
+from lightcook.export import estimate_bytes
 from lightcook.io import atomic_dir, bytes_on_disk, read_checkpoint, write_json_atomic, write_text_atomic
 
 
@@ -108,11 +112,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary["train_tokens_per_second"] = timer.tokens_per_second(trainer)
     summary["train_step_seconds"] = round(timer.seconds, 2)
     if trainer.is_global_zero:
-        if cfg.save_model:
-            summary["bytes_on_disk"] = save_model(module, run_dir / "model")
         summary["exports"] = {
             k: v for cb in callbacks.values() for k, v in getattr(cb, "exports", {}).items()
         }
+        changed = exported_techniques(module, list(callbacks.values()))
+        summary["loadable_model"] = summary["exports"].get("compressed") if changed else None
+        if cfg.save_model and changed:  # save_pretrained would write the dense skeleton
+            summary["model_not_saved"] = (
+                f"<run_dir>/model not written: the export stores {', '.join(changed)}, which a "
+                "save_pretrained folder cannot hold (it would reload as a different network); the trained "
+                "model is the compressed export (lightcook.export.load_compressed)"
+                + ("" if summary["loadable_model"] else "; report=none, so no export was written")
+            )
+        elif cfg.save_model:
+            summary["bytes_on_disk"] = save_model(module, run_dir / "model")
+            summary["loadable_model"] = str(run_dir / "model")
         summary["wall_seconds"] = round(time.time() - started, 2)
         write_json_atomic(run_dir / "summary.json", summary)
         _report_to_wandb(loggers, summary, run_dir)
@@ -170,6 +184,26 @@ def _validate(trainer: Trainer, module: Any, datamodule: Any) -> dict[str, float
         return {"val_ppl": None, "val_loss": None}
     trainer.validate(module, datamodule=datamodule, verbose=False)
     return {"val_ppl": _metric(trainer, "val/ppl"), "val_loss": _metric(trainer, "val/loss")}
+
+
+def exported_techniques(module: Any, callbacks: list[Callback]) -> list[str]:
+    """The techniques the one compressed export of ``module.model`` stores (its manifest's
+    ``techniques``, computed without writing): quantized codes, N:M, MoE or structured slicing, which
+    change what the network is. ``[]`` for a dense run, distillation or unstructured masks (their
+    ``save_pretrained`` folder is the trained network).
+
+    Example:
+        >>> holder = torch.nn.Module()
+        >>> holder.model = torch.nn.Linear(4, 2)
+        >>> exported_techniques(holder, [])
+        []
+    """
+    compressors = compression_callbacks(callbacks)
+    if not compressors:
+        return []
+    options = merged_export_options(compressors)
+    keys = {k: options[k] for k in ("nm", "architecture") if k in options}
+    return list(estimate_bytes(module.model, **keys)["techniques"])  # as the report's export
 
 
 def save_model(module: Any, target: Path) -> int:
@@ -279,3 +313,57 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"[lightcook] {summary['model']}: val ppl {fmt(before)} -> {fmt(after)} after "
         f"{summary['train_steps']} steps ({summary['fit_seconds']} s); summary: {summary['run_dir']}/summary.json"
     )
+    report = Path(summary["run_dir"]) / "report.json"
+    if report.is_file():
+        print(compressed_table(summary, json.loads(report.read_text())))
+
+
+def compressed_table(summary: Mapping[str, Any], report: Mapping[str, Any]) -> str:
+    """The lines a compression run prints at the end: the export's ppl, bytes and speed next to the
+    dense model's (from ``summary.json`` and the report's ``report.json``), and where things are.
+
+    Example:
+        >>> report = {"techniques": ["quantized"], "ppl": {"val": 30.0, "export": 31.0},
+        ...           "bytes": {"measured": 40, "dense_fp32": 100}, "speed": {"measured": False}}
+        >>> print(compressed_table({"val_ppl_before": 50.0, "run_dir": "r", "loadable_model": "r/c"}, report))
+        [lightcook] export (quantized)           dense      compressed
+          held-out ppl                          50.00 (start)  31.00 (export; live 30.00)
+          bytes (weights + tensors on disk)     0.0 MB     0.0 MB (0.40x)
+          speed                                 not measured
+          the trained model: r/c (lightcook.export.load_compressed); report: r/report.md
+    """
+    ppl, size, speed = report.get("ppl", {}), report.get("bytes", {}), report.get("speed", {})
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    mb = lambda v: "n/a" if v is None else f"{v / 1e6:.1f} MB"  # noqa: E731
+    measured, dense = size.get("measured"), size.get("dense_fp32")
+    ratio = f" ({measured / dense:.2f}x)" if measured and dense else ""
+    techniques = ", ".join(report.get("techniques", [])) or "none"
+    lines = [
+        f"[lightcook] export ({techniques})".ljust(40) + " dense      compressed",
+        "  held-out ppl".ljust(40)
+        + f"{fmt(summary.get('val_ppl_before'))} (start)  {fmt(ppl.get('export'))} (export; live {fmt(ppl.get('val'))})",
+        "  bytes (weights + tensors on disk)".ljust(40) + f"{mb(dense)}     {mb(measured)}{ratio}",
+    ]
+    if speed.get("measured"):
+        decode = speed.get("decode", {})
+        rate = decode.get("tokens_per_second", {})
+        lines.append(
+            "  speed vs dense bf16 (same process)".ljust(40)
+            + f"prefill {speed['batch']}x{speed['tokens']}: {fmt(speed.get('speedup_vs_bf16'))}x"
+            + (
+                f", decode batch 1: {fmt(decode.get('speedup_vs_bf16'))}x "
+                f"({fmt(rate.get('compressed'))} vs {fmt(rate.get('dense_bf16'))} tok/s)"
+                if decode.get("measured")
+                else ""
+            )
+        )
+    else:
+        lines.append("  speed".ljust(40) + "not measured")
+    where = summary.get("loadable_model")
+    how = (
+        "transformers from_pretrained"
+        if where and Path(where).name == "model"
+        else "lightcook.export.load_compressed"
+    )
+    lines.append(f"  the trained model: {where} ({how}); report: {summary['run_dir']}/report.md")
+    return "\n".join(lines)

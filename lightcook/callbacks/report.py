@@ -109,6 +109,7 @@ from lightcook.render import EXPERT_PNG, HISTORY_PNG, LAYERS_PNG, report_markdow
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 __all__ = [
+    "merged_export_options",
     "EXPERT_PNG",  # the plot file names, re-exported from lightcook.render
     "HISTORY_PNG",
     "LAYERS_PNG",
@@ -376,7 +377,7 @@ class CompressionReport(Callback):
         }
 
     def _estimate_options(self, trainer: Trainer) -> dict[str, Any]:
-        options = _merged_options(compression_callbacks(trainer.callbacks))  # type: ignore[attr-defined]
+        options = merged_export_options(compression_callbacks(trainer.callbacks))  # type: ignore[attr-defined]
         return {key: options[key] for key in ("nm", "dtype", "architecture") if key in options}
 
     def _export(
@@ -388,7 +389,7 @@ class CompressionReport(Callback):
     ) -> tuple[Path | None, str | None]:
         if self.export_dir is None:
             return None, None
-        options = _merged_options(callbacks)
+        options = merged_export_options(callbacks)
         extra = {"compress": [cb.config_key for cb in callbacks], **options.pop("extra", {})}
         if base_model is not None:  # the dense model `python -m lightcook.bench` compares against
             extra.setdefault("base_model", base_model)
@@ -568,8 +569,9 @@ def _metric(trainer: Trainer, key: str) -> float | None:
     return None if value is None else _round(float(value))
 
 
-def _merged_options(callbacks: Iterable[CompressionCallback]) -> dict[str, Any]:
-    """The ``export_options`` of every compression callback in one dict.
+def merged_export_options(callbacks: Iterable[CompressionCallback]) -> dict[str, Any]:
+    """The ``export_options`` of every compression callback in one dict (the keyword arguments of
+    :func:`~lightcook.export.save_compressed` for their combination).
 
     Raises:
         ValueError: two callbacks ask for different values of one option (names both).

@@ -86,6 +86,38 @@ def test_saved_model_reloads_with_identical_logits(one_step):
         assert torch.equal(reloaded(ids).logits, module.model.eval()(ids).logits)
 
 
+@pytest.mark.parametrize(
+    ("compress", "changed"), [("[quant]", ["quantized"]), ("[prune]", ["nm"]), ("[unstructured,kd]", [])]
+)
+def test_model_dir_is_written_only_when_it_is_the_trained_network(compose, compress, changed):
+    """A quantized / N:M run's save_pretrained folder would reload as the float skeleton: it is not
+    written, and summary.json points at the export; an unstructured + KD run's folder is the network."""
+    from transformers import AutoModelForCausalLM
+
+    from lightcook.export import load_compressed
+
+    summary = train(
+        compose("model=tiny_llama", "trainer=fast", f"+compress={compress}", "validate_before=false")
+    )
+    run = Path(summary["run_dir"])
+    assert json.loads((run / "summary.json").read_text())["loadable_model"] == summary["loadable_model"]
+    ids = torch.randint(0, 1000, (1, 12))
+    if changed:
+        assert not (run / "model").exists() and summary["bytes_on_disk"] is None
+        assert summary["loadable_model"] == str(run / "compressed")
+        assert (
+            ", ".join(changed) in summary["model_not_saved"]
+            and "load_compressed" in summary["model_not_saved"]
+        )
+        loaded = load_compressed(summary["loadable_model"])
+        assert loaded.compressed_techniques == changed
+    else:
+        assert summary["loadable_model"] == str(run / "model") and "model_not_saved" not in summary
+        loaded = AutoModelForCausalLM.from_pretrained(summary["loadable_model"])
+    with torch.no_grad():
+        assert torch.isfinite(loaded.eval()(ids).logits).all()
+
+
 def test_resume_continues_from_last_checkpoint(compose, tmp_path):
     run_dir = tmp_path / "run"
     first = train(compose("model=tiny_llama", "trainer=fast", f"paths.run_dir={run_dir}"))
