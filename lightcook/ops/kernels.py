@@ -35,7 +35,9 @@ Numerics, path by path, against the reference module on the same input:
                 an integer GEMM, is skipped (activation quantization below 8 bits is part of the trained
                 model and kept); the scales (and zero points) are rounded to bfloat16 and the kernel
                 rounds its float32 accumulator to bfloat16 once, so each output is within
-                ``2**-8 * (|x| @ |w|.T + |bias|)`` of the weight-only float product.
+                ``2**-8 * (|x| @ m.T + |bias|)`` of the weight-only float product, ``m = |w|``; for
+                asymmetric codes ``c`` with zero point ``zp`` (int4pack rounds the scale and the zero
+                term separately) ``m = (|c - 8| + |8 - zp|) * scale``.
 
 A layer a kernel cannot take (asymmetric or group-wise 8-bit codes for ``int8pack``; a group size with
 no divisor in {32, 64, 128, 256}, or outputs not a multiple of 16, for ``int4pack``; inputs not a
