@@ -41,6 +41,8 @@ from lightcook.app.timing import StepTimer
 from lightcook.callbacks.base import compression_callbacks
 from lightcook.callbacks.report import merged_export_options
 from lightcook.export import estimate_bytes
+from lightcook.export.compressed_tensors import SUPPORTED as COMPRESSED_TENSORS_HOLDS
+from lightcook.export.compressed_tensors import save_compressed_tensors
 from lightcook.io import atomic_dir, bytes_on_disk, read_checkpoint, write_json_atomic, write_text_atomic
 
 
@@ -117,16 +119,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         }
         changed = exported_techniques(module, list(callbacks.values()))
         summary["loadable_model"] = summary["exports"].get("compressed") if changed else None
-        if cfg.save_model and changed:  # save_pretrained would write the dense skeleton
+        refused = None
+        if cfg.save_model and changed and set(changed) <= COMPRESSED_TENSORS_HOLDS:
+            refused = _save_compressed_tensors(module, list(callbacks.values()), run_dir / "model")
+            if refused is None:
+                summary["bytes_on_disk"] = bytes_on_disk(run_dir / "model")
+                summary["loadable_model"] = str(run_dir / "model")
+                summary["model_format"] = "compressed-tensors"
+        if cfg.save_model and changed and summary.get("model_format") is None:
             summary["model_not_saved"] = (
-                f"<run_dir>/model not written: the export stores {', '.join(changed)}, which a "
-                "save_pretrained folder cannot hold (it would reload as a different network); the trained "
-                "model is the compressed export (lightcook.export.load_compressed)"
+                f"<run_dir>/model not written: the export stores {', '.join(changed)}, which "
+                + (refused or "neither a save_pretrained nor a compressed-tensors folder can hold")
+                + " (it would reload as a different network); the trained model is the compressed export "
+                "(lightcook.export.load_compressed)"
                 + ("" if summary["loadable_model"] else "; report=none, so no export was written")
             )
-        elif cfg.save_model:
+        elif cfg.save_model and not changed:
             summary["bytes_on_disk"] = save_model(module, run_dir / "model")
             summary["loadable_model"] = str(run_dir / "model")
+            summary["model_format"] = "transformers"
         summary["wall_seconds"] = round(time.time() - started, 2)
         write_json_atomic(run_dir / "summary.json", summary)
         _report_to_wandb(loggers, summary, run_dir)
@@ -204,6 +215,16 @@ def exported_techniques(module: Any, callbacks: list[Callback]) -> list[str]:
     options = merged_export_options(compressors)
     keys = {k: options[k] for k in ("nm", "architecture") if k in options}
     return list(estimate_bytes(module.model, **keys)["techniques"])  # as the report's export
+
+
+def _save_compressed_tensors(module: Any, callbacks: list[Callback], target: Path) -> str | None:
+    """Write ``module.model`` as a compressed-tensors folder; the reason when it cannot be written."""
+    nm = merged_export_options(compression_callbacks(callbacks)).get("nm")
+    try:
+        save_compressed_tensors(module.model, target, nm=nm)
+    except ValueError as err:  # e.g. a quantized GPT-2 Conv1D
+        return f"a compressed-tensors folder cannot hold ({err})"
+    return None
 
 
 def save_model(module: Any, target: Path) -> int:
@@ -361,7 +382,8 @@ def compressed_table(summary: Mapping[str, Any], report: Mapping[str, Any]) -> s
         lines.append("  speed".ljust(40) + "not measured")
     where = summary.get("loadable_model")
     how = (
-        "transformers from_pretrained"
+        ("compressed-tensors, " if summary.get("model_format") == "compressed-tensors" else "")
+        + "transformers from_pretrained"
         if where and Path(where).name == "model"
         else "lightcook.export.load_compressed"
     )

@@ -1,4 +1,11 @@
-"""The lightcook export folder: HF ``config.json`` + ``model.safetensors`` + the ``lightcook.json`` manifest.
+"""The lightcook export folder: ``model.safetensors`` + the ``lightcook.json`` manifest + ``hf_config.json``.
+
+``hf_config.json`` is the network's Hugging Face config. ``config.json`` is a stub that points
+transformers at ``lightcook_export.py`` (:mod:`lightcook.export.remote_code`), so that
+``AutoModelForCausalLM.from_pretrained(folder)`` fails loudly instead of loading a re-initialised
+network, or — with ``trust_remote_code=True`` and lightcook installed — returns
+:func:`~lightcook.export.load_compressed`'s model (version 3; folders of versions 1 and 2 kept the
+network's config in ``config.json`` and are still read).
 
 The manifest says which layers each technique stored in its compact form (one entry per technique,
 see :mod:`lightcook.export.codecs`); every other tensor is stored as it is. Tied weights (an LM head
@@ -12,35 +19,44 @@ Example:
     >>> net = torch.nn.Linear(2, 2)
     >>> out = write_folder(Path(tempfile.mkdtemp()) / "export", net, dict(net.state_dict()), {})
     >>> read_manifest(out)["version"], sorted(read_tensors(out))
-    (2, ['bias', 'weight'])
+    (3, ['bias', 'weight'])
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lightcook.export import remote_code
 from lightcook.io import atomic_dir
 
 MANIFEST = "lightcook.json"
 TENSORS = "model.safetensors"
 CONFIG = "config.json"
+HF_CONFIG = "hf_config.json"
+REMOTE_CODE = "lightcook_export.py"
 FORMAT = "lightcook"
+#: 3: the network's config in ``hf_config.json``, ``config.json`` the transformers stub;
 #: 2: one entry per technique under ``techniques`` (codecs); 1: the previous release's five layouts.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 __all__ = [
     "CONFIG",
     "FORMAT_VERSION",
+    "HF_CONFIG",
     "MANIFEST",
     "TENSORS",
+    "is_plain_checkpoint",
     "load_plain_tensors",
     "model_from_config",
     "nbytes",
@@ -75,6 +91,29 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
+def is_plain_checkpoint(config: Any, tensors: Mapping[str, Tensor]) -> bool:
+    """Whether ``tensors`` are exactly the state dict (keys and shapes, tied aliases aside) of the
+    model ``config`` builds: then ``from_pretrained`` loads the folder as the exported network.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        ...                   num_attention_heads=2, num_key_value_heads=1)
+        >>> net = model_from_config(cfg)
+        >>> is_plain_checkpoint(cfg, net.state_dict()), is_plain_checkpoint(cfg, {"x": torch.ones(1)})
+        (True, False)
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = model_from_config(copy.deepcopy(config))
+    except (ValueError, KeyError, TypeError):
+        return False
+    aliases = tied_aliases(skeleton)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in aliases}
+    got = {k: tuple(v.shape) for k, v in tensors.items() if k not in aliases}
+    return expected == got
+
+
 def write_folder(
     path: str | Path, model: nn.Module, tensors: Mapping[str, Tensor], manifest: Mapping[str, Any]
 ) -> Path:
@@ -95,8 +134,13 @@ def write_folder(
     full = {"format": FORMAT, "version": FORMAT_VERSION, **manifest, "tied": aliases}
     with atomic_dir(path) as tmp:
         config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "save_pretrained"):
-            config.save_pretrained(tmp)
+        if config is not None and hasattr(config, "to_json_string"):
+            if is_plain_checkpoint(config, stored):  # transformers reads it as it is
+                config.save_pretrained(tmp)
+            else:
+                (tmp / HF_CONFIG).write_text(config.to_json_string())
+                (tmp / CONFIG).write_text(json.dumps(remote_code.STUB_CONFIG, indent=2) + "\n")
+                shutil.copyfile(remote_code.__file__, tmp / REMOTE_CODE)
         save_file(stored, str(tmp / TENSORS))
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
     return path
@@ -151,16 +195,25 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
 
 
 def read_config(path: str | Path) -> Any:
-    """The Hugging Face config of an export folder (``None`` without ``config.json``).
+    """The Hugging Face config of an export folder: ``hf_config.json``, or the ``config.json`` of a
+    version-1/2 folder (``None`` when there is neither).
 
     Raises:
-        ValueError: ``config.json`` is not a readable Hugging Face config (names the file).
+        ValueError: the file is not a readable Hugging Face config (names the file).
     """
+    from transformers import AutoConfig
+
+    file = Path(path) / HF_CONFIG
+    if file.is_file():
+        try:
+            data = json.loads(file.read_text())
+            model_type = data.pop("model_type")
+            return AutoConfig.for_model(model_type, **data)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{file}: not a readable Hugging Face config ({err!r})") from None
     file = Path(path) / CONFIG
     if not file.is_file():
         return None
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(Path(path))
     except (OSError, ValueError, KeyError) as err:

@@ -10,7 +10,7 @@ Example:
     >>> old = {"format": "lightcook", "version": 1, "technique": "moe", "layers": {"m.0.mlp": {}}}
     >>> new = upgrade(old, "runs/x/moe")
     >>> new["version"], new["techniques"], new["moe"]
-    (2, ['moe'], {'m.0.mlp': {}})
+    (3, ['moe'], {'m.0.mlp': {}})
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def upgrade(manifest: dict[str, Any], path: str | Path) -> dict[str, Any]:
             listed without entries (the message names the folder and says how to re-export).
     """
     path = Path(path)
-    if manifest.get("version") == FORMAT_VERSION:
-        return _check(manifest, path)
+    if manifest.get("version") in (2, FORMAT_VERSION):  # 3 moved only the config, not the manifest
+        return _check({**manifest, "version": FORMAT_VERSION}, path)
     entries = _entries_v1(manifest, path)
     kept = {k: v for k, v in manifest.items() if k not in ("technique", "structure", "layers", "techniques")}
     kept = {k: v for k, v in kept.items() if k not in MANIFEST_ORDER}

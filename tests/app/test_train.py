@@ -87,11 +87,19 @@ def test_saved_model_reloads_with_identical_logits(one_step):
 
 
 @pytest.mark.parametrize(
-    ("compress", "changed"), [("[quant]", ["quantized"]), ("[prune]", ["nm"]), ("[unstructured,kd]", [])]
+    ("compress", "changed", "model_format"),
+    [
+        ("[quant]", ["quantized"], "compressed-tensors"),
+        ("[prune]", ["nm"], "compressed-tensors"),
+        ("[moe]", ["moe"], None),
+        ("[unstructured,kd]", [], "transformers"),
+    ],
 )
-def test_model_dir_is_written_only_when_it_is_the_trained_network(compose, compress, changed):
-    """A quantized / N:M run's save_pretrained folder would reload as the float skeleton: it is not
-    written, and summary.json points at the export; an unstructured + KD run's folder is the network."""
+def test_model_dir_is_the_trained_network_or_not_written(compose, compress, changed, model_format):
+    """``<run_dir>/model`` reloads with plain transformers as the trained network — a
+    compressed-tensors folder for quantized / N:M runs (logits as the lightcook export's, within the
+    activation-rounding bound of W8A8), save_pretrained for unstructured + KD — or is not written
+    (MoE), summary.json saying why; the lightcook folder then refuses plain ``from_pretrained``."""
     from transformers import AutoModelForCausalLM
 
     from lightcook.export import load_compressed
@@ -101,21 +109,32 @@ def test_model_dir_is_written_only_when_it_is_the_trained_network(compose, compr
     )
     run = Path(summary["run_dir"])
     assert json.loads((run / "summary.json").read_text())["loadable_model"] == summary["loadable_model"]
+    assert summary.get("model_format") == model_format
     ids = torch.randint(0, 1000, (1, 12))
-    if changed:
+    if model_format is None:
         assert not (run / "model").exists() and summary["bytes_on_disk"] is None
         assert summary["loadable_model"] == str(run / "compressed")
-        assert (
-            ", ".join(changed) in summary["model_not_saved"]
-            and "load_compressed" in summary["model_not_saved"]
-        )
+        assert "moe" in summary["model_not_saved"] and "load_compressed" in summary["model_not_saved"]
+        with pytest.raises(ValueError, match="contains custom code"):
+            AutoModelForCausalLM.from_pretrained(run / "compressed")  # loud, not re-initialised
         loaded = load_compressed(summary["loadable_model"])
         assert loaded.compressed_techniques == changed
-    else:
-        assert summary["loadable_model"] == str(run / "model") and "model_not_saved" not in summary
-        loaded = AutoModelForCausalLM.from_pretrained(summary["loadable_model"])
+        with torch.no_grad():
+            assert torch.isfinite(loaded.eval()(ids).logits).all()
+        return
+    assert summary["loadable_model"] == str(run / "model") and "model_not_saved" not in summary
+    plain = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    if not changed:
+        return
+    own = load_compressed(run / "compressed", dtype=torch.float32, backend="reference")
+    assert own.compressed_techniques == changed
     with torch.no_grad():
-        assert torch.isfinite(loaded.eval()(ids).logits).all()
+        got, ref = plain(ids).logits, own(ids).logits
+    if changed == ["nm"]:
+        assert torch.allclose(got, ref, atol=1e-5)
+    else:  # W8A8: the two per-token activation roundings differ by at most one lightcook step
+        assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
 def test_resume_continues_from_last_checkpoint(compose, tmp_path):

@@ -118,3 +118,52 @@ def test_extra_may_not_overwrite_manifest_keys(tmp_path):
     with pytest.raises(ValueError, match=r"extra may not set the manifest keys \['techniques'\]"):
         save_compressed(tiny_llama(), tmp_path / "x", extra={"techniques": []})
     assert not (tmp_path / "x").exists()
+
+
+def _quantized_export(tmp_path):
+    from lightcook.ops.quant import QuantLinear, QuantSpec
+
+    net = tiny_llama()
+    mlp = net.model.layers[0].mlp
+    mlp.up_proj = QuantLinear.from_linear(mlp.up_proj, QuantSpec(bits=4, granularity="group", group_size=16))
+    return net.eval(), save_compressed(net, tmp_path / "w4a8")
+
+
+def test_transformers_refuses_a_lightcook_folder_loudly_without_remote_code(tmp_path):
+    """The packed layers are not in a stock transformers layout: ``from_pretrained`` must not
+    re-initialise them silently (it did before: held-out ppl ~1e17). It stops at the custom code."""
+    _, path = _quantized_export(tmp_path)
+    assert json.loads((path / CONFIG).read_text())["model_type"] == "lightcook_export"
+    with pytest.raises(ValueError, match="contains custom code"):
+        AutoModelForCausalLM.from_pretrained(path)
+    assert "load_compressed" in (path / "lightcook_export.py").read_text()
+
+
+def test_with_remote_code_transformers_returns_the_trained_model(tmp_path):
+    net, path = _quantized_export(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    reference = load_compressed(path, dtype=torch.float32)
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)
+    assert loaded.compressed_techniques == ["quantized"]
+
+
+def test_without_lightcook_the_remote_code_names_the_loader_and_the_converter(tmp_path, monkeypatch):
+    import sys
+
+    from lightcook.export.remote_code import LightcookExportModel
+
+    _, path = _quantized_export(tmp_path)
+    monkeypatch.setitem(sys.modules, "lightcook.export", None)  # `import lightcook.export` fails
+    with pytest.raises(ImportError, match=r"load_compressed.*python -m lightcook.export.convert"):
+        LightcookExportModel.from_pretrained(path)
+
+
+def test_a_dense_export_stays_a_plain_transformers_checkpoint(export):
+    assert json.loads((export / CONFIG).read_text())["model_type"] == "llama"
+    assert not (export / "lightcook_export.py").exists()
+    plain = AutoModelForCausalLM.from_pretrained(export).eval()
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (1, 9))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, tiny_llama()(ids).logits)
