@@ -1,7 +1,7 @@
 """The lightcook export folder: ``model.safetensors`` + the ``lightcook.json`` manifest + ``hf_config.json``.
 
 ``hf_config.json`` is the network's Hugging Face config. ``config.json`` is a stub that points
-transformers at ``lightcook_export.py`` (:mod:`lightcook.export.remote_code`), so that
+transformers at ``lightcook_export.py`` (:mod:`lightcook.hf_remote_code`), so that
 ``AutoModelForCausalLM.from_pretrained(folder)`` fails loudly instead of loading a re-initialised
 network, or — with ``trust_remote_code=True`` and lightcook installed — returns
 :func:`~lightcook.export.load_compressed`'s model (version 3; folders of versions 1 and 2 kept the
@@ -36,7 +36,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightcook.export import remote_code
 from lightcook.io import atomic_dir
 
 MANIFEST = "lightcook.json"
@@ -45,6 +44,20 @@ CONFIG = "config.json"
 HF_CONFIG = "hf_config.json"
 REMOTE_CODE = "lightcook_export.py"
 FORMAT = "lightcook"
+#: ``config.json`` of a folder transformers cannot read as it is: it points at ``lightcook_export.py``
+#: (a copy of :mod:`lightcook.hf_remote_code`, which this module does not import).
+STUB_CONFIG = {
+    "model_type": "lightcook_export",
+    "auto_map": {
+        "AutoConfig": "lightcook_export.LightcookExportConfig",
+        "AutoModel": "lightcook_export.LightcookExportModel",
+        "AutoModelForCausalLM": "lightcook_export.LightcookExportModel",
+        "AutoModelForSeq2SeqLM": "lightcook_export.LightcookExportModel",
+    },
+    "lightcook": "a lightcook export, which transformers cannot read as it is: open it with "
+    "lightcook.export.load_compressed(folder), or convert it with `python -m lightcook.export.convert "
+    "<folder> <out>` (compressed-tensors, for transformers / vLLM)",
+}
 #: 3: the network's config in ``hf_config.json``, ``config.json`` the transformers stub;
 #: 2: one entry per technique under ``techniques`` (codecs); 1: the previous release's five layouts.
 FORMAT_VERSION = 3
@@ -139,8 +152,8 @@ def write_folder(
                 config.save_pretrained(tmp)
             else:
                 (tmp / HF_CONFIG).write_text(config.to_json_string())
-                (tmp / CONFIG).write_text(json.dumps(remote_code.STUB_CONFIG, indent=2) + "\n")
-                shutil.copyfile(remote_code.__file__, tmp / REMOTE_CODE)
+                (tmp / CONFIG).write_text(json.dumps(STUB_CONFIG, indent=2) + "\n")
+                shutil.copyfile(Path(__file__).parent.parent / "hf_remote_code.py", tmp / REMOTE_CODE)
         save_file(stored, str(tmp / TENSORS))
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
     return path

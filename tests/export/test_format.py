@@ -152,7 +152,7 @@ def test_with_remote_code_transformers_returns_the_trained_model(tmp_path):
 def test_without_lightcook_the_remote_code_names_the_loader_and_the_converter(tmp_path, monkeypatch):
     import sys
 
-    from lightcook.export.remote_code import LightcookExportModel
+    from lightcook.hf_remote_code import LightcookExportModel
 
     _, path = _quantized_export(tmp_path)
     monkeypatch.setitem(sys.modules, "lightcook.export", None)  # `import lightcook.export` fails

@@ -46,7 +46,7 @@ class LightcookExportModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
+        try:  # looked up at call time: this file runs inside export folders, lightcook may be absent
             from lightcook.export import load_compressed
         except ImportError:
             raise ImportError(
@@ -60,15 +60,3 @@ class LightcookExportModel(PreTrainedModel):
             device if isinstance(device, (str, torch.device)) and device != "auto" else "cpu",
             dtype=dtype if isinstance(dtype, torch.dtype) else None,
         )
-
-
-STUB_CONFIG = {
-    "model_type": MODEL_TYPE,
-    "auto_map": {
-        "AutoConfig": "lightcook_export.LightcookExportConfig",
-        "AutoModel": "lightcook_export.LightcookExportModel",
-        "AutoModelForCausalLM": "lightcook_export.LightcookExportModel",
-        "AutoModelForSeq2SeqLM": "lightcook_export.LightcookExportModel",
-    },
-    "lightcook": "a lightcook export: transformers cannot read its layout; " + HOW,
-}
