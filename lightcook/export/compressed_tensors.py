@@ -83,6 +83,7 @@ __all__ = [
     "quantization_config",
     "refuse_unsupported",
     "save_compressed_tensors",
+    "split_network",
     "write_compressed_tensors",
 ]
 
@@ -337,6 +338,34 @@ def write_compressed_tensors(
     return path
 
 
+def split_network(model: nn.Module) -> tuple[dict[str, LayerCodes], dict[str, Tensor]]:
+    """The live network as the parts the ecosystem writers take: its quantized layers as
+    :class:`LayerCodes` by module name, and every other tensor of the HF state dict by key (N:M
+    masks and SR-STE parametrizations evaluated into plain weights).
+
+    Example:
+        >>> from lightcook.ops.quant import QuantSpec
+        >>> net = torch.nn.Sequential(QuantLinear.from_linear(torch.nn.Linear(8, 4), QuantSpec(bits=8)))
+        >>> layers, plain = split_network(net)
+        >>> list(layers), sorted(plain)
+        (['0'], [])
+    """
+    layers = {name: LayerCodes.from_quant_linear(name, q) for name, q in quantized_layers(model).items()}
+    live = dict(model.named_parameters()) | dict(model.named_buffers())
+    plain: dict[str, Tensor] = {}
+    for key, value in live.items():
+        owner = key.rpartition(".")[0]
+        if owner in layers or key.endswith(MASK) or _ORIGINAL in key:
+            continue
+        plain[key] = value
+    for owner in {k.rpartition(".")[0] for k in live if k.endswith(MASK)} | {
+        k.split(_ORIGINAL)[0] for k in live if _ORIGINAL in k
+    }:
+        if owner not in layers:
+            plain[f"{owner}.weight"] = _plain_weight(model.get_submodule(owner))
+    return layers, plain
+
+
 def save_compressed_tensors(
     model: nn.Module,
     path: str | Path,
@@ -364,17 +393,5 @@ def save_compressed_tensors(
     if config is None or not hasattr(config, "save_pretrained"):
         raise ValueError("save_compressed_tensors: the model has no Hugging Face config to write")
     refuse_unsupported(_techniques(model, nm), "save_compressed_tensors")
-    layers = {name: LayerCodes.from_quant_linear(name, q) for name, q in quantized_layers(model).items()}
-    live = dict(model.named_parameters()) | dict(model.named_buffers())
-    plain: dict[str, Tensor] = {}
-    for key, value in live.items():
-        owner = key.rpartition(".")[0]
-        if owner in layers or key.endswith(MASK) or _ORIGINAL in key:
-            continue
-        plain[key] = value
-    for owner in {k.rpartition(".")[0] for k in live if k.endswith(MASK)} | {
-        k.split(_ORIGINAL)[0] for k in live if _ORIGINAL in k
-    }:
-        if owner not in layers:
-            plain[f"{owner}.weight"] = _plain_weight(model.get_submodule(owner))
+    layers, plain = split_network(model)
     return write_compressed_tensors(path, config, layers, plain, nm, dtype)

@@ -69,15 +69,19 @@ def _codes(entry: Mapping[str, Any], module: nn.Module) -> LayerCodes:
     raise ValueError(f"{type(module).__name__} is not a quantized reference layer")
 
 
-def convert_to_compressed_tensors(src: str | Path, dst: str | Path) -> Path:
-    """Write the lightcook export ``src`` as the compressed-tensors folder ``dst`` (atomically).
+def folder_parts(
+    src: str | Path, where: str
+) -> tuple[Any, dict[str, LayerCodes], dict[str, Tensor], tuple[int, int] | None]:
+    """A lightcook export folder as the parts the ecosystem writers take: its HF config, quantized
+    layers as :class:`LayerCodes`, every other tensor by key, and the N:M pattern (or ``None``).
 
     Raises:
-        ValueError: ``src`` is not a readable lightcook export (names the file), or it holds a
-            technique compressed-tensors cannot express (structured slicing, MoE).
+        ValueError: ``src`` is not a readable lightcook export, or it holds a technique
+            compressed-tensors and GGUF cannot express (structured slicing, MoE); ``where`` names
+            the caller in the message.
     """
     manifest = read_manifest(src)
-    refuse_unsupported(list(manifest["techniques"]), f"convert {src}")
+    refuse_unsupported(list(manifest["techniques"]), f"{where} {src}")
     stored = getattr(torch, manifest.get("dtype", "float32"))
     model = load_compressed(src, dtype=stored, backend="reference")
     entries: Mapping[str, Any] = manifest.get("quantized") or {}
@@ -86,7 +90,18 @@ def convert_to_compressed_tensors(src: str | Path, dst: str | Path) -> Path:
         key: value for key, value in model.state_dict().items() if key.rpartition(".")[0] not in layers
     }
     nm = (manifest["nm"]["n"], manifest["nm"]["m"]) if "nm" in manifest else None
-    return write_compressed_tensors(dst, model.config, layers, plain, nm)
+    return model.config, layers, plain, nm
+
+
+def convert_to_compressed_tensors(src: str | Path, dst: str | Path) -> Path:
+    """Write the lightcook export ``src`` as the compressed-tensors folder ``dst`` (atomically).
+
+    Raises:
+        ValueError: ``src`` is not a readable lightcook export (names the file), or it holds a
+            technique compressed-tensors cannot express (structured slicing, MoE).
+    """
+    config, layers, plain, nm = folder_parts(src, "convert")
+    return write_compressed_tensors(dst, config, layers, plain, nm)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
