@@ -90,6 +90,8 @@ from lightcook.export import (
     read_manifest,
     save_compressed,
 )
+from lightcook.export.convert import ECOSYSTEM_FORMATS, convert, open_with_transformers
+from lightcook.export.gguf import GGUF_TYPES
 from lightcook.io import write_json_atomic, write_text_atomic
 from lightcook.measure import (
     bytes_on_disk,
@@ -208,6 +210,12 @@ class CompressionReport(Callback):
             (and the live model's, for comparison); 0: skip.
         export_dtype: cast of the floating tensors the export stores as they are (``None``: keep).
         decode_tokens: new tokens per timed batch-1 greedy decode (KV cache), causal LMs only; 0: skip.
+        formats: ecosystem formats written from the export at fit end, each into
+            ``<run_dir>/<format>/`` (``compressed-tensors``: transformers / vLLM; ``gguf``:
+            llama.cpp), reloaded with transformers and scored on the same batches; a combination a
+            format cannot hold is recorded with the reason, not raised.
+        gguf_type: the type of the GGUF file's float weights (``bf16``, ``f16``, ``f32``, ``q8_0``,
+            ``q4_0``; trained codes are kept where a block type holds them).
 
     Raises:
         ValueError: an argument outside its allowed values (the message names ``report.<arg>``).
@@ -228,8 +236,11 @@ class CompressionReport(Callback):
         eval_batches: int = 8,
         export_dtype: str | None = None,
         decode_tokens: int = 16,
+        formats: Sequence[str] = (),
+        gguf_type: str = "bf16",
     ) -> None:
         super().__init__()
+        self.formats, self.gguf_type = tuple(formats), gguf_type
         self.export_dir, self.measure_speed, self.plots = export_dir, measure_speed, plots
         self.export_dtype = export_dtype
         self.speed_batch = tuple(speed_batch) if isinstance(speed_batch, Sequence) else speed_batch
@@ -244,6 +255,11 @@ class CompressionReport(Callback):
         self._expert_load: Tensor | None = None  # (layers, experts) tokens of the last validation
 
     def _check_args(self) -> None:
+        for fmt in self.formats:
+            if fmt not in ECOSYSTEM_FORMATS:
+                raise ValueError(f"report.formats: got {fmt!r}, allowed: {', '.join(ECOSYSTEM_FORMATS)}")
+        if self.gguf_type not in GGUF_TYPES:
+            raise ValueError(f"report.gguf_type: got {self.gguf_type!r}, allowed: {', '.join(GGUF_TYPES)}")
         if self.export_dir is not None and (
             not isinstance(self.export_dir, str) or not self.export_dir.strip()
         ):
@@ -341,6 +357,9 @@ class CompressionReport(Callback):
         path = Path(trainer.default_root_dir) / (self.export_dir or "")
         if self.export_dir is not None and path.is_dir():
             self.exports = {"compressed": str(path)}
+        for fmt, entry in self.report.get("formats", {}).items():
+            if entry.get("path"):
+                self.exports[fmt] = entry["path"]
 
     # ------------------------------------------------------------------ what the report holds
 
@@ -351,7 +370,8 @@ class CompressionReport(Callback):
         model = self._network(trainer, pl_module)
         run_dir = Path(trainer.default_root_dir)
         summary = estimate_summary(model, **self._estimate_options(trainer))
-        export, error = self._export(model, run_dir, callbacks, _base_model(pl_module, model))
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        export, error = self._export(model, run_dir, callbacks, _base_model(pl_module, model), tokenizer)
         loaded = load_compressed(export, pl_module.device) if export is not None else None
         return {
             "version": SCHEMA_VERSION,
@@ -368,6 +388,7 @@ class CompressionReport(Callback):
             "sparsity": _round(summary["sparsity"]),
             "ffn_fraction": _round(summary["ffn_fraction"]),
             "ppl": self._perplexities(trainer, pl_module, loaded),
+            "formats": self._ecosystem_formats(trainer, pl_module, export),
             "speed": self._speed(loaded, pl_module.device),
             "machine": machine(),
             "layers": summary["layers"],
@@ -386,6 +407,7 @@ class CompressionReport(Callback):
         run_dir: Path,
         callbacks: Sequence[CompressionCallback],
         base_model: str | None = None,
+        tokenizer: Any = None,
     ) -> tuple[Path | None, str | None]:
         if self.export_dir is None:
             return None, None
@@ -396,6 +418,8 @@ class CompressionReport(Callback):
         try:
             dtype = None if self.export_dtype is None else getattr(torch, self.export_dtype)
             path = save_compressed(model, run_dir / self.export_dir, **options, dtype=dtype, extra=extra)
+            if tokenizer is not None:  # beside the weights, as transformers users expect
+                tokenizer.save_pretrained(str(path))
             return path, None
         except ValueError as err:  # e.g. SR-STE weights still parametrized: keep the report
             rank_zero_warn(f"CompressionReport: the combined export failed: {err}")
@@ -435,16 +459,57 @@ class CompressionReport(Callback):
             out["note"] = "encoder-decoder model without aligned_logits_and_labels: perplexity skipped"
         if out["note"]:
             return out
-        batches = [move_data_to_device(b, pl_module.device) for _, b in zip(range(self.eval_batches), loader)]
-        score = partial(
+        batches = self._eval_batches(trainer, pl_module)
+        score = self._scorer(pl_module, batches)
+        live, export = score(model), score(cast(nn.Module, loaded))  # None returned above
+        out.update(live=_round(live.value), export=_round(export.value))
+        out.update(eval_batches=len(batches), eval_tokens=live.tokens)
+        return out
+
+    def _eval_batches(self, trainer: Trainer, pl_module: LightningModule) -> list[Any]:
+        loader = first_loader(trainer.val_dataloaders)
+        if loader is None or not self.eval_batches:
+            return []
+        return [move_data_to_device(b, pl_module.device) for _, b in zip(range(self.eval_batches), loader)]
+
+    @staticmethod
+    def _scorer(pl_module: LightningModule, batches: list[Any]) -> Any:
+        align = getattr(pl_module, "aligned_logits_and_labels", None)
+        return partial(
             perplexity,
             batches=batches,
             align=align or causal_shift,
             prepare=getattr(pl_module, "mask_padding", None),
         )
-        live, export = score(model), score(cast(nn.Module, loaded))  # None returned above
-        out.update(live=_round(live.value), export=_round(export.value))
-        out.update(eval_batches=len(batches), eval_tokens=live.tokens)
+
+    def _ecosystem_formats(
+        self, trainer: Trainer, pl_module: LightningModule, export: Path | None
+    ) -> dict[str, Any]:
+        """Write each of ``formats`` from the export, reload it with transformers, and score it."""
+        out: dict[str, Any] = {}
+        if not self.formats:
+            return out
+        batches = self._eval_batches(trainer, pl_module)
+        for fmt in self.formats:
+            entry: dict[str, Any] = {"path": None, "bytes": None, "ppl": None, "error": None}
+            out[fmt] = entry
+            if export is None:
+                entry["error"] = "no lightcook export to convert"
+                continue
+            try:
+                path = convert(export, Path(trainer.default_root_dir) / fmt, fmt, self.gguf_type)
+            except ValueError as err:
+                rank_zero_warn(f"CompressionReport: report.formats {fmt}: {err}")
+                entry["error"] = str(err)
+                continue
+            entry.update(path=str(path), bytes=bytes_on_disk(path))
+            if fmt == "gguf":
+                entry["gguf_type"] = self.gguf_type
+            if batches:
+                reloaded = open_with_transformers(path, fmt).to(pl_module.device)
+                entry["ppl"] = _round(self._scorer(pl_module, batches)(reloaded).value)
+                entry["loaded_with"] = "transformers"
+                del reloaded
         return out
 
     def _speed(self, loaded: nn.Module | None, device: torch.device) -> dict[str, Any]:

@@ -268,13 +268,22 @@ def _techniques(model: nn.Module, nm: tuple[int, int] | None) -> list[str]:
     return list(estimate_bytes(model, nm=nm)["techniques"])
 
 
-def refuse_unsupported(techniques: list[str], where: str) -> None:
-    """Raise the clear error for techniques this format cannot hold (``where`` names the caller)."""
-    unsupported = [t for t in techniques if t not in SUPPORTED]
+def refuse_unsupported(techniques: list[str], where: str, holds: frozenset[str] = SUPPORTED) -> None:
+    """Raise the clear error for techniques this format cannot hold (``where`` names the caller;
+    ``holds`` adds ``structured`` for already-sliced folders, whose shapes are then checked)."""
+    unsupported = [t for t in techniques if t not in holds]
     if unsupported:
         raise ValueError(
             f"{where}: compressed-tensors cannot hold {', '.join(unsupported)} (a different network "
             "shape); the lightcook export (lightcook.export.save_compressed / load_compressed) does"
+        )
+
+
+def _check_shape(key: str, got: Any, expected: Any) -> None:
+    if tuple(got) != tuple(expected):
+        raise ValueError(
+            f"compressed-tensors export: {key} is {tuple(got)}, the config gives {tuple(expected)} "
+            "(layers of different widths: a stock config holds one FFN width and head count)"
         )
 
 
@@ -309,6 +318,7 @@ def write_compressed_tensors(
                 f"compressed-tensors export: {name} is a {type(module).__name__}; compressed-tensors "
                 "quantizes nn.Linear layers only"
             )
+        _check_shape(f"{name}.weight", layers[name].codes.shape, module.weight.shape)
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
         tensors.update(layer_tensors(name, layer))
@@ -319,6 +329,7 @@ def write_compressed_tensors(
         if key not in plain:
             raise ValueError(f"compressed-tensors export: no tensor {key!r} of the HF architecture")
         value = plain[key].detach()
+        _check_shape(key, value.shape, skeleton.state_dict()[key].shape)
         tensors[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     out_config = copy.deepcopy(config)
     qconfig = quantization_config(layers)

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +248,7 @@ def write_gguf(
     gguf_type: str = "bf16",
     nm: tuple[int, int] | None = None,
     tokenizer: Any = None,
+    techniques: Sequence[str] = (),
     name: str | None = None,
 ) -> GgufWritten:
     """Write a GGUF file from a network's parts (see :func:`save_gguf`), atomically.
@@ -261,6 +262,7 @@ def write_gguf(
         nm: the N:M pattern, recorded as ``lightcook.sparsity.pattern``.
         tokenizer: a fast byte-level BPE tokenizer to embed (llama.cpp needs one; transformers'
             reader of the weights does not).
+        techniques: what the network holds (``moe`` is refused with the reason).
         name: ``general.name``.
 
     Raises:
@@ -271,7 +273,7 @@ def write_gguf(
 
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r}: must be one of {list(GGUF_TYPES)}")
-    _refuse(config, [], "GGUF export")
+    _refuse(config, [t for t in techniques if t != "structured"], "GGUF export")
     with torch.device("meta"):
         skeleton = model_from_config(copy.deepcopy(config))
     expected = skeleton.state_dict()
@@ -421,6 +423,7 @@ def save_gguf(
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError("save_gguf: the model has no Hugging Face config to write")
-    _refuse(config, [t for t in estimate_bytes(model, nm=nm)["techniques"] if t != "structured"], "save_gguf")
+    techniques = list(estimate_bytes(model, nm=nm)["techniques"])
+    _refuse(config, [t for t in techniques if t != "structured"], "save_gguf")
     layers, plain = split_network(model)
-    return write_gguf(path, config, layers, plain, gguf_type, nm, tokenizer)
+    return write_gguf(path, config, layers, plain, gguf_type, nm, tokenizer, techniques)

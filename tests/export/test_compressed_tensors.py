@@ -252,7 +252,7 @@ def test_converter_refuses_bad_input_with_the_reason(tmp_path, capsys) -> None:
     from tests.helpers import TINY_LLAMA
 
     assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
-    assert "missing: no such export folder" in capsys.readouterr().err
+    assert "missing: no such run directory or export folder" in capsys.readouterr().err
     model, _ = moefied(TINY_LLAMA)
     assert main([str(save_compressed(model, tmp_path / "moe")), str(tmp_path / "out")]) == 2
     assert "cannot hold moe" in capsys.readouterr().err
