@@ -90,6 +90,38 @@ def bytes_on_disk(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+#: Files of a model folder that are not the model: the tokenizer saved beside it, its model card.
+NOT_THE_MODEL = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "vocab.json",
+        "merges.txt",
+        "README.md",
+    }
+)
+
+
+def model_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a model file or folder without the tokenizer files and model card beside it (what
+    the compression changes: weights, config, manifest).
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "model.safetensors").write_bytes(b"x" * 10)
+        >>> _ = (folder / "tokenizer.json").write_text("{}")
+        >>> model_bytes(folder), bytes_on_disk(folder)
+        (10, 12)
+    """
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name not in NOT_THE_MODEL)
+
+
 _ZIP_MAGIC = b"PK\x03\x04"
 
 

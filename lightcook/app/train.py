@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightcook.app.cards import run_command, write_run_cards
 from lightcook.app.config import new_run_id
 from lightcook.app.launch import (
     build_datamodule,
@@ -43,7 +44,7 @@ from lightcook.callbacks.report import merged_export_options
 from lightcook.export import estimate_bytes
 from lightcook.export.compressed_tensors import SUPPORTED as COMPRESSED_TENSORS_HOLDS
 from lightcook.export.compressed_tensors import save_compressed_tensors
-from lightcook.io import atomic_dir, bytes_on_disk, read_checkpoint, write_json_atomic, write_text_atomic
+from lightcook.io import atomic_dir, model_bytes, read_checkpoint, write_json_atomic, write_text_atomic
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -123,7 +124,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.save_model and changed and set(changed) <= COMPRESSED_TENSORS_HOLDS:
             refused = _save_compressed_tensors(module, list(callbacks.values()), run_dir / "model")
             if refused is None:
-                summary["bytes_on_disk"] = bytes_on_disk(run_dir / "model")
+                summary["bytes_on_disk"] = model_bytes(run_dir / "model")
                 summary["loadable_model"] = str(run_dir / "model")
                 summary["model_format"] = "compressed-tensors"
         if cfg.save_model and changed and summary.get("model_format") is None:
@@ -138,6 +139,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary["bytes_on_disk"] = save_model(module, run_dir / "model")
             summary["loadable_model"] = str(run_dir / "model")
             summary["model_format"] = "transformers"
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if (
+            summary.get("model_format") and tokenizer is not None
+        ):  # vLLM / from_pretrained users need it there
+            tokenizer.save_pretrained(str(run_dir / "model"))
+        summary["model_cards"] = [str(p) for p in write_run_cards(summary, run_command())]
         summary["wall_seconds"] = round(time.time() - started, 2)
         write_json_atomic(run_dir / "summary.json", summary)
         _report_to_wandb(loggers, summary, run_dir)
@@ -248,7 +255,7 @@ def save_model(module: Any, target: Path) -> int:
             from safetensors.torch import save_model as save_safetensors
 
             save_safetensors(module.model, str(tmp / "model.safetensors"))
-    return bytes_on_disk(target)
+    return model_bytes(target)
 
 
 def compress_summaries(cfg: DictConfig, callbacks: Mapping[str, Callback]) -> dict[str, Any]:
@@ -286,12 +293,68 @@ def compress_summaries(cfg: DictConfig, callbacks: Mapping[str, Callback]) -> di
 
 
 def _report_to_wandb(loggers: list[Logger], summary: dict[str, Any], run_dir: Path) -> None:
-    """W&B runs get the scalar summary (``summary/<key>``) and ``summary.json`` as a run file (the
-    resolved config is already the run's config; a saved ``config.yaml`` would clash with W&B's own)."""
+    """W&B runs get the scalar summary (``summary/<key>``), ``summary.json`` as a run file (the
+    resolved config is already the run's config; a saved ``config.yaml`` would clash with W&B's own),
+    and for a compression run the report: its table (``report/exports``), its plots
+    (``report/<plot>``) and every export folder as one ``model`` artifact (``policy="immutable"``:
+    files are referenced from the run directory, not copied)."""
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            logger.experiment.summary.update({f"summary/{k}": v for k, v in summary.items() if _scalar(v)})
-            logger.experiment.save(str(run_dir / "summary.json"), base_path=str(run_dir), policy="now")
+            run = logger.experiment
+            run.summary.update({f"summary/{k}": v for k, v in summary.items() if _scalar(v)})
+            run.save(str(run_dir / "summary.json"), base_path=str(run_dir), policy="now")
+            report_file = run_dir / "report.json"
+            if report_file.is_file():
+                _log_report(run, json.loads(report_file.read_text()), summary)
+
+
+def _log_report(run: Any, report: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+    import wandb
+
+    columns, rows = export_rows(report)
+    logged: dict[str, Any] = {"report/exports": wandb.Table(columns=columns, data=rows)}
+    for plot in report.get("plots") or []:  # file names in the run directory
+        path = Path(summary["run_dir"]) / plot
+        if path.is_file():
+            logged[f"report/{path.stem}"] = wandb.Image(str(path))
+    run.log(logged)
+    exports = {k: Path(v) for k, v in (summary.get("exports") or {}).items() if Path(v).is_dir()}
+    if summary.get("model_format") and (Path(summary["run_dir"]) / "model").is_dir():
+        exports["model"] = Path(summary["run_dir"]) / "model"
+    if not exports:
+        return
+    metadata = {"techniques": report.get("techniques"), "compress": report.get("compress")}
+    metadata.update({row[0]: dict(zip(columns[1:], row[1:])) for row in rows})
+    artifact = wandb.Artifact(f"compressed-{run.id}", type="model", metadata=metadata)
+    for name, folder in exports.items():
+        artifact.add_dir(str(folder), name=name, policy="immutable")
+    run.log_artifact(artifact, aliases=["latest"])
+
+
+def export_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The report's exports as a table: one row per folder (the lightcook export and each of
+    ``report.formats``) with its held-out ppl, MB and size ratio to the dense fp32 model.
+
+    Example:
+        >>> report = {"ppl": {"export": 54.6, "live": 54.5}, "bytes": {"measured": 2_000_000, "dense_fp32": 8_000_000},
+        ...           "formats": {"gguf": {"ppl": 54.7, "bytes": 1_000_000, "error": None}}}
+        >>> export_rows(report)[1]
+        [['lightcook', 54.6, 2.0, 4.0], ['gguf', 54.7, 1.0, 8.0]]
+    """
+    columns = ["format", "held-out ppl", "MB", "x smaller than dense fp32"]
+    dense = (report.get("bytes") or {}).get("dense_fp32")
+
+    def row(name: str, ppl: float | None, size: int | None) -> list[Any]:
+        ratio = round(dense / size, 2) if dense and size else None
+        return [name, ppl, None if size is None else round(size / 1e6, 2), ratio]
+
+    rows = [
+        row("lightcook", (report.get("ppl") or {}).get("export"), (report.get("bytes") or {}).get("measured"))
+    ]
+    for fmt, entry in (report.get("formats") or {}).items():
+        if not entry.get("error"):
+            rows.append(row(fmt, entry.get("ppl"), entry.get("bytes")))
+    return columns, rows
 
 
 def _scalar(value: Any) -> bool:

@@ -90,11 +90,11 @@ from lightcook.export import (
     read_manifest,
     save_compressed,
 )
+from lightcook.export.card import export_facts, write_model_card
 from lightcook.export.convert import ECOSYSTEM_FORMATS, convert, open_with_transformers
 from lightcook.export.gguf import GGUF_TYPES
-from lightcook.io import write_json_atomic, write_text_atomic
+from lightcook.io import model_bytes, write_json_atomic, write_text_atomic
 from lightcook.measure import (
-    bytes_on_disk,
     causal_shift,
     cuda_sync,
     generation_speed,
@@ -420,6 +420,7 @@ class CompressionReport(Callback):
             path = save_compressed(model, run_dir / self.export_dir, **options, dtype=dtype, extra=extra)
             if tokenizer is not None:  # beside the weights, as transformers users expect
                 tokenizer.save_pretrained(str(path))
+            write_model_card(path, export_facts("lightcook", read_manifest(path), bytes=model_bytes(path)))
             return path, None
         except ValueError as err:  # e.g. SR-STE weights still parametrized: keep the report
             rank_zero_warn(f"CompressionReport: the combined export failed: {err}")
@@ -432,7 +433,7 @@ class CompressionReport(Callback):
                 dense_fp32 = parameter_bytes(
                     model_from_config(copy.deepcopy(self._dense_config)), torch.float32
                 )
-        measured = bytes_on_disk(export) if export is not None else None
+        measured = model_bytes(export) if export is not None else None
         return {
             "measured": measured,
             "tensors_measured": safetensors_payload(export) if export is not None else None,
@@ -502,7 +503,7 @@ class CompressionReport(Callback):
                 rank_zero_warn(f"CompressionReport: report.formats {fmt}: {err}")
                 entry["error"] = str(err)
                 continue
-            entry.update(path=str(path), bytes=bytes_on_disk(path))
+            entry.update(path=str(path), bytes=model_bytes(path))
             if fmt == "gguf":
                 entry["gguf_type"] = self.gguf_type
             if batches:

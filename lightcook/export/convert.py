@@ -47,6 +47,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from lightcook.export.card import export_facts, write_model_card
 from lightcook.export.compressed_tensors import (
     SUPPORTED,
     LayerCodes,
@@ -56,7 +57,7 @@ from lightcook.export.compressed_tensors import (
 from lightcook.export.format import MANIFEST
 from lightcook.export.gguf import GGUF_TYPES, write_gguf
 from lightcook.export.pipeline import load_compressed, read_manifest
-from lightcook.io import atomic_dir, bytes_on_disk
+from lightcook.io import atomic_dir, model_bytes
 from lightcook.ops.quant import DequantLinear, Int8Linear, QuantSpec
 
 __all__ = [
@@ -185,7 +186,8 @@ def folder_tokenizer(folder: str | Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    # not trusted: a lightcook folder's config.json is the remote-code stub, which the tokenizer does not need
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
@@ -218,9 +220,12 @@ def convert(src: str | Path, out: str | Path, fmt: str, gguf_type: str = "bf16")
     folder, out = export_folder(src), Path(out)
     if out.resolve() == folder.resolve():
         raise ValueError(f"--out {out}: is the source export itself")
+    manifest = read_manifest(folder)
     if fmt == "lightcook":
         with atomic_dir(out) as tmp:
             shutil.copytree(folder, tmp, dirs_exist_ok=True)
+            if not (tmp / "README.md").is_file():
+                write_model_card(tmp, export_facts(fmt, manifest, bytes=model_bytes(tmp)))
         return out
     parts = folder_parts(folder)
     if fmt == "compressed-tensors":
@@ -244,6 +249,7 @@ def convert(src: str | Path, out: str | Path, fmt: str, gguf_type: str = "bf16")
                 tokenizer,
                 parts.techniques,
             )
+        write_model_card(tmp, export_facts(fmt, manifest, bytes=model_bytes(tmp)))
     return out
 
 
@@ -285,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    size = bytes_on_disk(written)
+    size = model_bytes(written)
     opens = {
         "compressed-tensors": "transformers.AutoModelForCausalLM.from_pretrained(dir) / vllm serve dir",
         "gguf": f"llama-cli -m {Path(written) / GGUF_FILE} / from_pretrained(dir, gguf_file={GGUF_FILE!r})",

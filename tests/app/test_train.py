@@ -280,6 +280,46 @@ def test_cli_wandb_offline_writes_run_files(tmp_path):
     assert (run / "csv" / "metrics.csv").is_file()
 
 
+def test_cli_wandb_gets_the_report_table_plots_cards_and_the_exports_as_an_artifact(tmp_path):
+    """A compression run under ``logger=wandb`` (offline): the report's exports table, its plots as
+    images and every export folder in one ``model`` artifact; every folder has its model card, with
+    the exact command."""
+    from tests.app.test_sweeps import _wandb_records
+
+    args = ["model=tiny_llama", "trainer=fast", "logger=wandb", "+compress=[quant]", "validate_before=false"]
+    args += ["report.formats=[gguf]", "report.measure_speed=false"]
+    _run_cli(args, tmp_path)
+    (run,) = (tmp_path / "out" / "runs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(Path(p).parent.name for p in summary["model_cards"]) == ["compressed", "gguf", "model"]
+    card = (run / "gguf" / "README.md").read_text()
+    assert "python run.py model=tiny_llama trainer=fast logger=wandb '+compress=[quant]'" in card
+    assert 'gguf_file="model.gguf"' in card and "| Perplexity (held-out) |" in card
+    (log,) = next((run / "wandb").glob("offline-run-*")).glob("run-*.wandb")
+    records = _wandb_records(log)
+    history = {
+        tuple(i.nested_key) or (i.key,): json.loads(i.value_json)
+        for r in records
+        if r.HasField("history")
+        for i in r.history.item
+    }
+    assert history[("report/exports", "_type")] == "table-file" and history[("report/exports", "nrows")] == 2
+    assert history[("report/report_layers", "_type")] == "image-file"
+    (artifact,) = [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == "model"]
+    assert artifact.type == "model"
+    paths = {entry.path for entry in artifact.manifest.contents}
+    assert {
+        "compressed/model.safetensors",
+        "compressed/README.md",
+        "gguf/model.gguf",
+        "model/config.json",
+    } <= paths
+    metadata = json.loads(artifact.metadata)
+    assert metadata["gguf"]["held-out ppl"] == pytest.approx(
+        json.loads((run / "report.json").read_text())["formats"]["gguf"]["ppl"]
+    )
+
+
 def test_cli_ddp_two_cpu_processes_one_run_dir(tmp_path):
     _run_cli(["model=tiny_llama", "trainer=ddp", "trainer.max_steps=2", "callbacks=none"], tmp_path)
     (run,) = (tmp_path / "out" / "runs").iterdir()  # the re-launched rank did not make its own directory

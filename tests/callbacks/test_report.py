@@ -114,7 +114,11 @@ def test_report_files_and_plots(quant_nm_run):
 def test_estimated_bytes_match_the_export(quant_nm_run):
     root, _, report, _ = quant_nm_run
     size = report["bytes"]
-    assert size["measured"] == sum(p.stat().st_size for p in (root / "compressed").rglob("*") if p.is_file())
+    folder = root / "compressed"  # the model, not the model card (nor a tokenizer) beside it
+    assert size["measured"] == sum(
+        p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "README.md"
+    )
+    assert (folder / "README.md").is_file()
     assert size["estimated"] == size["tensors_measured"] == read_manifest(root / "compressed")["tensor_bytes"]
     assert abs(size["estimated"] - size["measured"]) / size["measured"] < 0.05  # + header and manifest
     assert size["dense_fp32"] == 4 * sum(p.numel() for p in tiny_module().model.parameters())  # tied once

@@ -66,7 +66,7 @@ def test_report_formats_are_written_reloaded_with_transformers_and_scored(w4_run
     gguf = AutoModelForCausalLM.from_pretrained(run / "gguf", gguf_file=GGUF_FILE)
     assert (_logits(gguf) - _logits(own)).abs().max() < 2e-2  # fp16 block scales, bf16 embedding
     # the tokenizer travels: in the compressed-tensors folder as files, in the GGUF as metadata
-    source = AutoTokenizer.from_pretrained(run / "compressed")
+    source = AutoTokenizer.from_pretrained(run / "compressed", trust_remote_code=False)
     text = "Now is the winter of our discontent 1594"
     assert (
         AutoTokenizer.from_pretrained(run / "compressed-tensors")(text)["input_ids"]

@@ -246,3 +246,32 @@ def test_what_gguf_cannot_hold_is_refused_before_writing(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"gguf_type='q5_k'"):
         save_gguf(tiny_hf(), target, gguf_type="q5_k")
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_smollm2_w4_g32_exports_score_as_the_trained_model_in_transformers(tmp_path) -> None:
+    """The real model, W4 group-32 weights on all 210 block Linears: the GGUF (every layer Q4_0 with
+    the trained codes) and the compressed-tensors folder, each reloaded by transformers, score the
+    held-out text within 1% of the live network's perplexity."""
+    from lightcook.callbacks.quantization import QuantizationCallback
+    from lightcook.data import TextDataModule
+    from lightcook.export.compressed_tensors import save_compressed_tensors
+    from lightcook.export.convert import open_with_transformers
+    from lightcook.measure import perplexity
+    from lightcook.modules import CausalLMModule
+
+    module = CausalLMModule(name_or_path="smollm2-135m-instruct")
+    QuantizationCallback(bits=4, granularity="group", group_size=32, activations="none").prepare_once(
+        None, module
+    )
+    data = TextDataModule(tokenizer="smollm2-135m-instruct", block_size=128, batch_size=4)
+    data.setup("fit")
+    batches = [b for _, b in zip(range(2), data.val_dataloader())]
+    live = perplexity(module.model.eval(), batches).value
+    written = save_gguf(module.model, tmp_path / "gguf" / "model.gguf", tokenizer=data.tokenizer)
+    assert len(written.exact) == 210 and set(written.types[f"{n}.weight"] for n in written.exact) == {"Q4_0"}
+    assert not written.requantized
+    gguf = perplexity(open_with_transformers(tmp_path / "gguf", "gguf"), batches).value
+    ct = save_compressed_tensors(module.model, tmp_path / "ct")
+    hf = perplexity(open_with_transformers(ct, "compressed-tensors"), batches).value
+    assert gguf == pytest.approx(live, rel=0.01) and hf == pytest.approx(live, rel=0.001)
