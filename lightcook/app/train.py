@@ -312,7 +312,7 @@ def _log_report(run: Any, report: Mapping[str, Any], summary: Mapping[str, Any])
     import wandb
 
     columns, rows = export_rows(report)
-    logged: dict[str, Any] = {"report/exports": wandb.Table(columns=columns, data=rows)}
+    logged: dict[str, Any] = {"report/exports": wandb.Table(columns=list[Any](columns), data=rows)}
     for plot in report.get("plots") or []:  # file names in the run directory
         path = Path(summary["run_dir"]) / plot
         if path.is_file():

@@ -316,8 +316,8 @@ def write_gguf(
                 continue
             written.requantized.append(owner)
             value = _dequantize(layer)
-        elif owner in layers and key.endswith(".bias") and layers[owner].bias is not None:
-            value = layers[owner].bias
+        elif owner in layers and key.endswith(".bias") and (bias := layers[owner].bias) is not None:
+            value = bias
         elif key in plain:
             value = plain[key]
         else:
