@@ -29,8 +29,11 @@ quantizes an int8 activation with ``scale = amax / 127.5`` into ``[-128, 127]`` 
 ``amax / 127`` (one lightcook step). Weight-only schemes are exact up to float summation order.
 N:M needs no kernel here: compressed-tensors 0.20 dropped its ``sparse-24-bitmask`` format and vLLM
 its 2:4 kernels, so the pruned weights are stored dense (the sizes on disk are those of the
-quantization alone). Structured (sliced) and MoE networks are refused with the reason; use
-:func:`~lightcook.export.save_compressed` for them.
+quantization alone). MoE networks are written with each expert as its own Linear layers and the
+model file :mod:`lightcook.export.moe_remote_code` beside the weights (no stock transformers MoE
+architecture computes the same function; :mod:`lightcook.export.hf_moe`), so they load with
+``trust_remote_code=True``. A live structured (gated) network is refused with the reason; its sliced
+lightcook export converts (:mod:`lightcook.export.convert`).
 
 Example:
     >>> import tempfile, torch
@@ -58,6 +61,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,7 +93,7 @@ __all__ = [
 
 INT_QUANTIZED, PACK_QUANTIZED, MIXED = "int-quantized", "pack-quantized", "mixed-precision"
 #: Techniques of :func:`~lightcook.export.estimate_bytes` this format holds.
-SUPPORTED = frozenset({"nm", "quantized"})
+SUPPORTED = frozenset({"nm", "quantized", "moe"})
 _ORIGINAL = ".parametrizations.weight.original"
 
 
@@ -294,6 +298,7 @@ def write_compressed_tensors(
     plain: Mapping[str, Tensor],
     nm: tuple[int, int] | None = None,
     dtype: torch.dtype | None = None,
+    moe: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a compressed-tensors folder from its parts, atomically.
 
@@ -304,13 +309,27 @@ def write_compressed_tensors(
         plain: every other tensor of the HF state dict (tied aliases left out), by key.
         nm: the masks' N:M pattern, recorded under ``lightcook.sparsity`` in ``config.json``.
         dtype: cast for the float ``plain`` tensors (default: as they are).
+        moe: the routed MoE FFNs (:func:`~lightcook.export.hf_moe.moe_specs`); ``layers`` and
+            ``plain`` hold them as lightcook does, and they are split into experts here.
 
     Raises:
         ValueError: a quantized layer is not an ``nn.Linear`` of the HF architecture (GPT-2
-            ``Conv1D``), or a tensor of the architecture is in neither ``layers`` nor ``plain``.
+            ``Conv1D``), a tensor of the architecture is in neither ``layers`` nor ``plain``, or an
+            MoE FFN the folder cannot hold (:func:`~lightcook.export.hf_moe.split_moe`).
     """
+    remote = None
+    if moe or any(key.endswith(".routed") for key in plain):
+        from lightcook.export import moe_remote_code
+        from lightcook.export.hf_moe import REMOTE_FILE, moe_config, split_moe
+
+        layers, plain = split_moe(moe or {}, layers, plain)
+        if moe:
+            config, remote = moe_config(config, moe), REMOTE_FILE
     with torch.device("meta"):
-        skeleton = model_from_config(copy.deepcopy(config))
+        if remote:
+            skeleton: nn.Module = moe_remote_code.LightcookMoeForCausalLM(copy.deepcopy(config))
+        else:
+            skeleton = model_from_config(copy.deepcopy(config))
     for name in layers:
         module = skeleton.get_submodule(name)
         if not isinstance(module, nn.Linear):
@@ -346,6 +365,8 @@ def write_compressed_tensors(
         out_config.save_pretrained(tmp)
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS), {"format": "pt"})
         json.loads((tmp / CONFIG).read_text())  # written and readable
+        if remote:
+            shutil.copy2(moe_remote_code.__file__, tmp / remote)
     return path
 
 
@@ -404,5 +425,7 @@ def save_compressed_tensors(
     if config is None or not hasattr(config, "save_pretrained"):
         raise ValueError("save_compressed_tensors: the model has no Hugging Face config to write")
     refuse_unsupported(_techniques(model, nm), "save_compressed_tensors")
+    from lightcook.export.hf_moe import moe_specs
+
     layers, plain = split_network(model)
-    return write_compressed_tensors(path, config, layers, plain, nm, dtype)
+    return write_compressed_tensors(path, config, layers, plain, nm, dtype, moe_specs(model))

@@ -13,8 +13,7 @@
 
 The export's tokenizer files (the app writes them beside the weights) travel along, and every
 written folder gets a ``README.md`` model card. It prints what it wrote and the folder's bytes; bad
-input (no export, a combination the format cannot hold, such as MoE in either ecosystem format)
-exits with status 2 and the reason, leaving nothing behind.
+input (no export, a combination the format cannot hold, such as MoE in GGUF) exits with status 2 and the reason, leaving nothing behind.
 
 Example:
     >>> import tempfile, torch
@@ -56,6 +55,7 @@ from lightcook.export.compressed_tensors import (
 )
 from lightcook.export.format import MANIFEST
 from lightcook.export.gguf import GGUF_TYPES, write_gguf
+from lightcook.export.hf_moe import REMOTE_FILE, moe_specs
 from lightcook.export.pipeline import load_compressed, read_manifest
 from lightcook.io import atomic_dir, model_bytes
 from lightcook.ops.quant import DequantLinear, Int8Linear, QuantSpec
@@ -116,13 +116,15 @@ def _codes(entry: Mapping[str, Any], module: nn.Module) -> LayerCodes:
 @dataclass(frozen=True)
 class FolderParts:
     """A lightcook export folder as the parts the ecosystem writers take: its HF config, quantized
-    layers as :class:`LayerCodes`, every other tensor by key, the N:M pattern, and its techniques."""
+    layers as :class:`LayerCodes`, every other tensor by key, the N:M pattern, its techniques, and
+    its routed MoE FFNs (:func:`~lightcook.export.hf_moe.moe_specs`)."""
 
     config: Any
     layers: dict[str, LayerCodes]
     plain: dict[str, Tensor]
     nm: tuple[int, int] | None
     techniques: list[str]
+    moe: dict[str, dict[str, Any]]
 
 
 def folder_parts(src: str | Path) -> FolderParts:
@@ -140,7 +142,7 @@ def folder_parts(src: str | Path) -> FolderParts:
         key: value for key, value in model.state_dict().items() if key.rpartition(".")[0] not in layers
     }
     nm = (manifest["nm"]["n"], manifest["nm"]["m"]) if "nm" in manifest else None
-    return FolderParts(model.config, layers, plain, nm, list(manifest["techniques"]))
+    return FolderParts(model.config, layers, plain, nm, list(manifest["techniques"]), moe_specs(model))
 
 
 def convert_to_compressed_tensors(src: str | Path, dst: str | Path) -> Path:
@@ -148,11 +150,11 @@ def convert_to_compressed_tensors(src: str | Path, dst: str | Path) -> Path:
 
     Raises:
         ValueError: ``src`` is not a readable lightcook export (names the file), or it holds a
-            technique compressed-tensors cannot express (structured slicing, MoE).
+            technique compressed-tensors cannot express.
     """
     parts = folder_parts(src)
     refuse_unsupported(parts.techniques, f"convert {src}", SLICED)
-    return write_compressed_tensors(dst, parts.config, parts.layers, parts.plain, parts.nm)
+    return write_compressed_tensors(dst, parts.config, parts.layers, parts.plain, parts.nm, moe=parts.moe)
 
 
 def export_folder(src: str | Path) -> Path:
@@ -232,7 +234,9 @@ def convert(src: str | Path, out: str | Path, fmt: str, gguf_type: str = "bf16")
         refuse_unsupported(parts.techniques, f"--format compressed-tensors {folder}", SLICED)
     with atomic_dir(out) as tmp:
         if fmt == "compressed-tensors":
-            write_compressed_tensors(tmp / "ct", parts.config, parts.layers, parts.plain, parts.nm)
+            write_compressed_tensors(
+                tmp / "ct", parts.config, parts.layers, parts.plain, parts.nm, moe=parts.moe
+            )
             for item in (tmp / "ct").iterdir():
                 item.rename(tmp / item.name)
             (tmp / "ct").rmdir()
@@ -254,10 +258,14 @@ def convert(src: str | Path, out: str | Path, fmt: str, gguf_type: str = "bf16")
 
 
 def open_with_transformers(path: str | Path, fmt: str) -> nn.Module:
-    """Load an ecosystem export the way a transformers user does (no lightcook code on the path)."""
+    """Load an ecosystem export the way a transformers user does (no lightcook code on the path; an
+    MoE folder's own model file, :data:`~lightcook.export.hf_moe.REMOTE_FILE`, with
+    ``trust_remote_code=True``)."""
     from transformers import AutoModelForCausalLM
 
-    extra = {"gguf_file": GGUF_FILE} if fmt == "gguf" else {}
+    extra: dict[str, Any] = {"gguf_file": GGUF_FILE} if fmt == "gguf" else {}
+    if (Path(path) / REMOTE_FILE).is_file():
+        extra["trust_remote_code"] = True
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **extra).eval()
 
 

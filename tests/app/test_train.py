@@ -87,25 +87,27 @@ def test_saved_model_reloads_with_identical_logits(one_step):
 
 
 @pytest.mark.parametrize(
-    ("compress", "changed", "model_format"),
+    ("model", "compress", "changed", "model_format"),
     [
-        ("[quant]", ["quantized"], "compressed-tensors"),
-        ("[prune]", ["nm"], "compressed-tensors"),
-        ("[moe]", ["moe"], None),
-        ("[unstructured,kd]", [], "transformers"),
+        ("tiny_llama", "[quant]", ["quantized"], "compressed-tensors"),
+        ("tiny_llama", "[prune]", ["nm"], "compressed-tensors"),
+        ("tiny_llama", "[moe]", ["moe"], "compressed-tensors"),
+        ("tiny_gpt2", "[quant]", ["quantized"], None),  # GPT-2's Conv1D: compressed-tensors quantizes Linears
+        ("tiny_llama", "[unstructured,kd]", [], "transformers"),
     ],
 )
-def test_model_dir_is_the_trained_network_or_not_written(compose, compress, changed, model_format):
+def test_model_dir_is_the_trained_network_or_not_written(compose, model, compress, changed, model_format):
     """``<run_dir>/model`` reloads with plain transformers as the trained network — a
-    compressed-tensors folder for quantized / N:M runs (logits as the lightcook export's, within the
-    activation-rounding bound of W8A8), save_pretrained for unstructured + KD — or is not written
-    (MoE), summary.json saying why; the lightcook folder then refuses plain ``from_pretrained``."""
+    compressed-tensors folder for quantized / N:M / MoE runs (logits as the lightcook export's, within
+    the activation-rounding bound of W8A8; MoE with its model file, ``trust_remote_code``),
+    save_pretrained for unstructured + KD — or is not written (a quantized GPT-2), summary.json
+    saying why; the lightcook folder then refuses plain ``from_pretrained``."""
     from transformers import AutoModelForCausalLM
 
     from lightcook.export import load_compressed
 
     summary = train(
-        compose("model=tiny_llama", "trainer=fast", f"+compress={compress}", "validate_before=false")
+        compose(f"model={model}", "trainer=fast", f"+compress={compress}", "validate_before=false")
     )
     run = Path(summary["run_dir"])
     assert json.loads((run / "summary.json").read_text())["loadable_model"] == summary["loadable_model"]
@@ -114,7 +116,7 @@ def test_model_dir_is_the_trained_network_or_not_written(compose, compress, chan
     if model_format is None:
         assert not (run / "model").exists() and summary["bytes_on_disk"] is None
         assert summary["loadable_model"] == str(run / "compressed")
-        assert "moe" in summary["model_not_saved"] and "load_compressed" in summary["model_not_saved"]
+        assert changed[0] in summary["model_not_saved"] and "load_compressed" in summary["model_not_saved"]
         with pytest.raises(ValueError, match="contains custom code"):
             AutoModelForCausalLM.from_pretrained(run / "compressed")  # loud, not re-initialised
         loaded = load_compressed(summary["loadable_model"])
@@ -123,14 +125,14 @@ def test_model_dir_is_the_trained_network_or_not_written(compose, compress, chan
             assert torch.isfinite(loaded.eval()(ids).logits).all()
         return
     assert summary["loadable_model"] == str(run / "model") and "model_not_saved" not in summary
-    plain = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    plain = AutoModelForCausalLM.from_pretrained(run / "model", trust_remote_code=changed == ["moe"]).eval()
     if not changed:
         return
     own = load_compressed(run / "compressed", dtype=torch.float32, backend="reference")
     assert own.compressed_techniques == changed
     with torch.no_grad():
         got, ref = plain(ids).logits, own(ids).logits
-    if changed == ["nm"]:
+    if changed in (["nm"], ["moe"]):
         assert torch.allclose(got, ref, atol=1e-5)
     else:  # W8A8: the two per-token activation roundings differ by at most one lightcook step
         assert (got - ref).abs().max() < 0.05 * ref.abs().max()

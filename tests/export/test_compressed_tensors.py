@@ -202,11 +202,13 @@ def test_two_four_alone_is_a_plain_hf_folder_with_zeros(tmp_path) -> None:
 
 
 def test_networks_it_cannot_hold_are_refused_with_the_export_that_can(tmp_path) -> None:
-    from tests.export.codecs.test_moe import moefied
+    from lightcook.callbacks.structured_pruning import StructuredPruningCallback
+    from tests.export.codecs.test_moe import hf_model
     from tests.helpers import TINY_LLAMA
 
-    model, _ = moefied(TINY_LLAMA)
-    with pytest.raises(ValueError, match=r"cannot hold moe .*lightcook.export.save_compressed"):
+    model = hf_model(TINY_LLAMA)
+    StructuredPruningCallback(target_sparsity=0.5).prepare_model(None, model)  # live gates, not sliced
+    with pytest.raises(ValueError, match=r"cannot hold structured .*lightcook.export.save_compressed"):
         save_compressed_tensors(model, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
 
@@ -253,7 +255,7 @@ def test_converter_refuses_bad_input_with_the_reason(tmp_path, capsys) -> None:
 
     assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "missing: no such run directory or export folder" in capsys.readouterr().err
-    model, _ = moefied(TINY_LLAMA)
+    model, _ = moefied(TINY_LLAMA, router="random")
     assert main([str(save_compressed(model, tmp_path / "moe")), str(tmp_path / "out")]) == 2
-    assert "cannot hold moe" in capsys.readouterr().err
+    assert "router 'random' is an evaluation baseline" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
