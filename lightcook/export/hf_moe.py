@@ -46,9 +46,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightcook.export.compressed_tensors import LayerCodes
 from lightcook.export.moe_remote_code import MODEL_TYPE, ROUTERS, LightcookMoeConfig
 from lightcook.ops.moe import moe_modules
+
+#: A :class:`~lightcook.export.compressed_tensors.LayerCodes` (not imported: that module imports this one).
+LayerCodes = Any
 
 __all__ = ["REMOTE_FILE", "moe_config", "moe_specs", "split_moe"]
 
