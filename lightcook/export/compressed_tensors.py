@@ -72,8 +72,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightcook.export import moe_remote_code
 from lightcook.export.codecs.quantized import quantized_layers
 from lightcook.export.format import CONFIG, TENSORS, model_from_config, tied_aliases
+from lightcook.export.hf_moe import REMOTE_FILE, moe_config, moe_specs, split_moe
 from lightcook.io import atomic_dir
 from lightcook.ops.names import MASK
 from lightcook.ops.quant import QuantLinear, QuantSpec, pack_codes
@@ -319,9 +321,6 @@ def write_compressed_tensors(
     """
     remote = None
     if moe or any(key.endswith(".routed") for key in plain):
-        from lightcook.export import moe_remote_code
-        from lightcook.export.hf_moe import REMOTE_FILE, moe_config, split_moe
-
         layers, plain = split_moe(moe or {}, layers, plain)
         if moe:
             config, remote = moe_config(config, moe), REMOTE_FILE
@@ -425,7 +424,5 @@ def save_compressed_tensors(
     if config is None or not hasattr(config, "save_pretrained"):
         raise ValueError("save_compressed_tensors: the model has no Hugging Face config to write")
     refuse_unsupported(_techniques(model, nm), "save_compressed_tensors")
-    from lightcook.export.hf_moe import moe_specs
-
     layers, plain = split_network(model)
     return write_compressed_tensors(path, config, layers, plain, nm, dtype, moe_specs(model))

@@ -13,7 +13,8 @@
 
 The export's tokenizer files (the app writes them beside the weights) travel along, and every
 written folder gets a ``README.md`` model card. It prints what it wrote and the folder's bytes; bad
-input (no export, a combination the format cannot hold, such as MoE in GGUF) exits with status 2 and the reason, leaving nothing behind.
+input (no export, a combination the format cannot hold, such as MoE in GGUF) exits with status 2
+and the reason, leaving nothing behind.
 
 Example:
     >>> import tempfile, torch
