@@ -44,6 +44,7 @@ from lightcook.callbacks.report import merged_export_options
 from lightcook.export import estimate_bytes
 from lightcook.export.compressed_tensors import SUPPORTED as COMPRESSED_TENSORS_HOLDS
 from lightcook.export.compressed_tensors import save_compressed_tensors
+from lightcook.export.convert import convert_to_compressed_tensors
 from lightcook.io import atomic_dir, model_bytes, read_checkpoint, write_json_atomic, write_text_atomic
 
 
@@ -120,13 +121,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         }
         changed = exported_techniques(module, list(callbacks.values()))
         summary["loadable_model"] = summary["exports"].get("compressed") if changed else None
-        refused = None
+        refused: str | None = None
         if cfg.save_model and changed and set(changed) <= COMPRESSED_TENSORS_HOLDS:
             refused = _save_compressed_tensors(module, list(callbacks.values()), run_dir / "model")
-            if refused is None:
-                summary["bytes_on_disk"] = model_bytes(run_dir / "model")
-                summary["loadable_model"] = str(run_dir / "model")
-                summary["model_format"] = "compressed-tensors"
+            written = refused is None
+        elif cfg.save_model and "structured" in changed and summary["loadable_model"]:
+            refused = _convert_sliced(summary["loadable_model"], run_dir / "model")
+            written = refused is None
+        else:
+            written = False
+        if written:
+            summary["bytes_on_disk"] = model_bytes(run_dir / "model")
+            summary["loadable_model"] = str(run_dir / "model")
+            summary["model_format"] = "compressed-tensors"
         if cfg.save_model and changed and summary.get("model_format") is None:
             summary["model_not_saved"] = (
                 f"<run_dir>/model not written: the export stores {', '.join(changed)}, which "
@@ -230,6 +237,16 @@ def _save_compressed_tensors(module: Any, callbacks: list[Callback], target: Pat
     try:
         save_compressed_tensors(module.model, target, nm=nm)
     except ValueError as err:  # e.g. a quantized GPT-2 Conv1D
+        return f"a compressed-tensors folder cannot hold ({err})"
+    return None
+
+
+def _convert_sliced(export: str, target: Path) -> str | None:
+    """Write a structured run's lightcook export as a compressed-tensors folder (uneven layers
+    zero-padded to a stock config); the reason when it cannot be written."""
+    try:
+        convert_to_compressed_tensors(export, target)
+    except ValueError as err:  # e.g. a sliced MoE whose attention widths differ
         return f"a compressed-tensors folder cannot hold ({err})"
     return None
 

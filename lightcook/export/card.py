@@ -69,7 +69,7 @@ _LIBRARY = {
 }
 _FORMAT_TAG = {"compressed-tensors": "compressed-tensors", "gguf": "gguf"}
 # the converter (compressed-tensors, GGUF) refuses networks of a different shape
-_NOT_CONVERTIBLE = frozenset({"moe"})  # uniform slices convert; uneven ones are refused by the writer
+_NOT_CONVERTIBLE = frozenset({"moe"})  # slices convert (uneven ones zero-padded: export.hf_padding)
 _PATH = "path/to/this/folder"
 
 

@@ -33,7 +33,8 @@ quantization alone). MoE networks are written with each expert as its own Linear
 model file :mod:`lightcook.export.moe_remote_code` beside the weights (no stock transformers MoE
 architecture computes the same function; :mod:`lightcook.export.hf_moe`), so they load with
 ``trust_remote_code=True``. A live structured (gated) network is refused with the reason; its sliced
-lightcook export converts (:mod:`lightcook.export.convert`).
+lightcook export converts (:mod:`lightcook.export.convert`), layers of uneven widths zero-padded to
+the widest (exact; :mod:`lightcook.export.hf_padding`).
 
 Example:
     >>> import tempfile, torch
@@ -76,6 +77,7 @@ from lightcook.export import moe_remote_code
 from lightcook.export.codecs.quantized import quantized_layers
 from lightcook.export.format import CONFIG, TENSORS, model_from_config, tied_aliases
 from lightcook.export.hf_moe import REMOTE_FILE, moe_config, moe_specs, split_moe
+from lightcook.export.hf_padding import pad_to_widest
 from lightcook.io import atomic_dir
 from lightcook.ops.names import MASK
 from lightcook.ops.quant import QuantLinear, QuantSpec, pack_codes
@@ -324,6 +326,8 @@ def write_compressed_tensors(
         layers, plain = split_moe(moe or {}, layers, plain)
         if moe:
             config, remote = moe_config(config, moe), REMOTE_FILE
+    if remote is None:
+        config, layers, plain = pad_to_widest(config, layers, plain)
     with torch.device("meta"):
         if remote:
             skeleton: nn.Module = moe_remote_code.LightcookMoeForCausalLM(copy.deepcopy(config))
@@ -356,7 +360,8 @@ def write_compressed_tensors(
     elif hasattr(out_config, "quantization_config"):
         del out_config.quantization_config
     if nm is not None:
-        out_config.lightcook = {"sparsity": {"pattern": f"{nm[0]}:{nm[1]}", "stored": "dense"}}
+        sparsity = {"pattern": f"{nm[0]}:{nm[1]}", "stored": "dense"}
+        out_config.lightcook = {**getattr(out_config, "lightcook", {}), "sparsity": sparsity}
     floats = [t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith("_scale")]
     out_config.dtype = dtype or (floats[0] if floats else torch.float32)
     path = Path(path)

@@ -80,7 +80,7 @@ FORMATS = ("lightcook", "compressed-tensors", "gguf")
 ECOSYSTEM_FORMATS = ("compressed-tensors", "gguf")
 #: The file a GGUF export folder holds.
 GGUF_FILE = "model.gguf"
-#: An already-sliced folder: its uniform slices are a smaller stock config (shapes checked on write).
+#: An already-sliced folder: a smaller stock config (uneven layers zero-padded: export.hf_padding).
 SLICED = SUPPORTED | {"structured"}
 _TOKENIZER_FILES = (
     "tokenizer.json",

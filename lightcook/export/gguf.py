@@ -28,9 +28,11 @@ reader permutes them back). N:M zeros are stored dense (``lightcook.sparsity.pat
 pattern). llama.cpp quantizes activations itself (blocks of 32 for ``Q8_0``/``Q4_*`` dot
 products): a W8A8 layer's static or per-token activation scales are not used there.
 
-Refused, before anything is written: non-Llama architectures, MoE networks, structured slices
-whose layers differ in width (transformers' reader holds one FFN width and head count), and
-rotary scalings other than the default.
+Structured slices whose layers differ in width are zero-padded to the widest layer (GGUF's Llama,
+like transformers' config, holds one FFN width and head count; exact, see
+:mod:`lightcook.export.hf_padding`), the kept widths recorded as ``lightcook.padded.*``. Refused,
+before anything is written: non-Llama architectures, MoE networks, and rotary scalings other than
+the default.
 
 Example:
     >>> import tempfile, torch
@@ -68,6 +70,7 @@ from torch import Tensor, nn
 
 from lightcook.export.compressed_tensors import LayerCodes, split_network
 from lightcook.export.format import model_from_config, tied_aliases
+from lightcook.export.hf_padding import pad_to_widest
 from lightcook.io import atomic_path
 
 __all__ = ["GGUF_TYPES", "GgufWritten", "block_type", "encode_blocks", "save_gguf", "write_gguf"]
@@ -267,13 +270,14 @@ def write_gguf(
 
     Raises:
         ValueError: ``gguf_type`` is unknown, the architecture is not Llama, or a tensor of the
-            architecture is missing or has a shape its config does not give (non-uniform slices).
+            architecture is missing or has a shape its (padded) config does not give.
     """
     import gguf
 
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r}: must be one of {list(GGUF_TYPES)}")
     _refuse(config, [t for t in techniques if t != "structured"], "GGUF export")
+    config, layers, plain = pad_to_widest(config, layers, plain)
     with torch.device("meta"):
         skeleton = model_from_config(copy.deepcopy(config))
     expected = skeleton.state_dict()
@@ -348,6 +352,8 @@ def write_gguf(
     writer.add_string("general.quantized_by", "lightcook")
     if nm is not None:
         writer.add_string("lightcook.sparsity.pattern", f"{nm[0]}:{nm[1]}")
+    for key, kept in getattr(config, "lightcook", {}).get("padded", {}).items():
+        writer.add_array(f"lightcook.padded.{key}", kept)
     if tokenizer is not None:
         _add_tokenizer(writer, tokenizer, config.vocab_size)
     for tensor_name, array, qtype in tensors:
@@ -415,7 +421,7 @@ def save_gguf(
         What was written: the GGML type of each weight, which quantized layers kept their codes.
 
     Raises:
-        ValueError: no HF config, not a Llama architecture, MoE or non-uniform structured slices,
+        ValueError: no HF config, not a Llama architecture, MoE,
             or an unknown ``gguf_type`` — before anything is written.
     """
     from lightcook.export.pipeline import estimate_bytes

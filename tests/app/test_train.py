@@ -92,13 +92,14 @@ def test_saved_model_reloads_with_identical_logits(one_step):
         ("tiny_llama", "[quant]", ["quantized"], "compressed-tensors"),
         ("tiny_llama", "[prune]", ["nm"], "compressed-tensors"),
         ("tiny_llama", "[moe]", ["moe"], "compressed-tensors"),
+        ("tiny_llama", "[structured]", ["structured"], "compressed-tensors"),  # converted, zero-padded
         ("tiny_gpt2", "[quant]", ["quantized"], None),  # GPT-2's Conv1D: compressed-tensors quantizes Linears
         ("tiny_llama", "[unstructured,kd]", [], "transformers"),
     ],
 )
 def test_model_dir_is_the_trained_network_or_not_written(compose, model, compress, changed, model_format):
     """``<run_dir>/model`` reloads with plain transformers as the trained network — a
-    compressed-tensors folder for quantized / N:M / MoE runs (logits as the lightcook export's, within
+    compressed-tensors folder for quantized / N:M / MoE / structured runs (logits as the lightcook export's, within
     the activation-rounding bound of W8A8; MoE with its model file, ``trust_remote_code``),
     save_pretrained for unstructured + KD — or is not written (a quantized GPT-2), summary.json
     saying why; the lightcook folder then refuses plain ``from_pretrained``."""
@@ -132,7 +133,7 @@ def test_model_dir_is_the_trained_network_or_not_written(compose, model, compres
     assert own.compressed_techniques == changed
     with torch.no_grad():
         got, ref = plain(ids).logits, own(ids).logits
-    if changed in (["nm"], ["moe"]):
+    if changed in (["nm"], ["moe"], ["structured"]):
         assert torch.allclose(got, ref, atol=1e-5)
     else:  # W8A8: the two per-token activation roundings differ by at most one lightcook step
         assert (got - ref).abs().max() < 0.05 * ref.abs().max()
