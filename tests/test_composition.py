@@ -38,7 +38,7 @@ SETTINGS = {
     "quant": [],
     "kd": [],
 }
-TINY = ["model=tiny_llama", "trainer=fast", "trainer.max_steps=4", "report.measure_speed=false"]
+TINY = ["model=tiny_llama", "trainer=fast", "trainer.max_steps=4", "report=fast"]
 
 
 def overrides(names: tuple[str, ...], *extra: str) -> list[str]:

@@ -63,7 +63,9 @@ def instantiate_named(nodes: DictConfig | None, where: str, **kwargs: Any) -> di
         except InstantiationException as err:
             cause = err.__cause__
             if isinstance(cause, ValueError | TypeError):
-                raise type(cause)(f"{where}.{key!s}: {cause}") from cause
+                prefix = f"{where}.{key!s}"
+                message = str(cause) if str(cause).startswith(f"{prefix}.") else f"{prefix}: {cause}"
+                raise type(cause)(message) from cause
             raise
     return objects
 

@@ -38,6 +38,7 @@ from lightcook.app.slurm import (
     slurm_restarts,
     spawn_ranks,
 )
+from lightcook.app.stages import run_teacher_stage
 from lightcook.app.timing import StepTimer
 from lightcook.callbacks.base import compression_callbacks
 from lightcook.callbacks.report import merged_export_options
@@ -78,6 +79,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     check_launch(cfg.trainer)
     run_dir = _run_dir(cfg)
+    cfg, requeued = run_teacher_stage(cfg, run_dir, train)
+    if requeued is not None:
+        return requeued
     resume = _resume_path(cfg, run_dir)
     cfg = cfg.copy()
     with open_dict(cfg):
@@ -113,6 +117,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     summary = _summary(cfg, trainer, module, datamodule, before, after, resume, fit_seconds)
     summary["compress"] = compress_summaries(cfg, callbacks)
+    if (cfg.get("stages") or {}).get("teacher"):
+        summary["teacher_stage"] = OmegaConf.to_container(cfg.stages.teacher)
     summary["train_tokens_per_second"] = timer.tokens_per_second(trainer)
     summary["train_step_seconds"] = round(timer.seconds, 2)
     if trainer.is_global_zero:

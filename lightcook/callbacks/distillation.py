@@ -85,6 +85,7 @@ from typing_extensions import override
 
 from lightcook.callbacks.base import CompressionCallback, compression_callbacks
 from lightcook.ops.distill import (
+    FINETUNE,
     HiddenPair,
     KDConfig,
     KDPlan,
@@ -217,6 +218,12 @@ class DistillationCallback(CompressionCallback):
             self._register_projections(pl_module, self.plan.projections)
 
     def _build_teacher(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+        if self.config.teacher == FINETUNE:
+            raise self.fail(
+                "teacher",
+                f"{FINETUNE!r} is a stage of the app (python run.py ...: lightcook.app.stages fine-tunes "
+                "the teacher first); in your own Trainer, fine-tune the dense model and pass its folder",
+            )
         if self.config.teacher != "student":
             return self._load_pretrained(pl_module, self.config.teacher)
         source = (getattr(pl_module, "hparams", None) or {}).get("name_or_path")

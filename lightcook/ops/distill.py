@@ -40,6 +40,7 @@ from lightcook.ops.names import is_conv1d
 
 __all__ = [
     "ATTENTION_KINDS",
+    "FINETUNE",
     "IGNORE_INDEX",
     "NEGATIVES",
     "POINTS",
@@ -400,6 +401,10 @@ def _check_scale(field: str, value: Any) -> None:
         raise ValueError(f"{field}: must be a finite number >= 0, got {value!r}")
 
 
+#: The ``teacher`` value of a fine-tuned teacher stage (run by the app before the compression job).
+FINETUNE = "finetune"
+
+
 @dataclasses.dataclass(frozen=True)
 class KDConfig(TechniqueConfig):
     """Knowledge distillation: which teacher, which terms, how they are weighed.
@@ -427,8 +432,13 @@ class KDConfig(TechniqueConfig):
     SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("hidden_map", "projection", "memory_bank_size")
 
     # "student" (default): the uncompressed starting model; or a model path / hub name, loaded with
-    # the student's Auto class (its vocabulary must match the student's).
+    # the student's Auto class (its vocabulary must match the student's); or "finetune": the app
+    # (lightcook.app.stages) fine-tunes the dense model for teacher_steps first and passes its folder.
     teacher: str = "student"
+    # >= 1 with teacher="finetune" (dense fine-tuning steps of the teacher stage), else 0.
+    teacher_steps: int = 0
+    # teacher="finetune" only: the student starts from the fine-tuned teacher too (fine-tune, then compress).
+    start_from_teacher: bool = False
     # None (keep float32), "float32"/"fp32", "bfloat16"/"bf16" or "float16"/"fp16": the teacher's dtype.
     teacher_dtype: str | None = None
     # >= 0; weight of the module's own (task) loss; 0 = distillation only.
@@ -468,6 +478,16 @@ class KDConfig(TechniqueConfig):
         if not isinstance(self.teacher, str) or not self.teacher.strip():
             raise ValueError(f"teacher: 'student' or a model path/name, got {self.teacher!r}")
         check_choice("teacher_dtype", self.teacher_dtype, (None, *TEACHER_DTYPES))
+        check_int("teacher_steps", self.teacher_steps, 0)
+        check_choice("start_from_teacher", self.start_from_teacher, (True, False))
+        if self.teacher == FINETUNE and self.teacher_steps < 1:
+            raise ValueError(
+                f"teacher_steps: teacher={FINETUNE} needs teacher_steps >= 1 (the dense fine-tuning "
+                f"steps before compressing), got {self.teacher_steps}"
+            )
+        if self.teacher != FINETUNE and (self.teacher_steps or self.start_from_teacher):
+            field = "teacher_steps" if self.teacher_steps else "start_from_teacher"
+            raise ValueError(f"{field}: only used with teacher={FINETUNE}, but teacher is {self.teacher!r}")
         check_choice("projection", self.projection, (True, False))
         for field in ("task_scale", *(f"{t}_scale" for t in TERMS)):
             _check_scale(field, getattr(self, field))

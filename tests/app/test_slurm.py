@@ -59,7 +59,10 @@ def test_two_processes_equal_one_process_for_the_same_global_batch(single, launc
 
 def test_multirun_over_compression_combinations_with_ddp(tmp_path):
     combos = "+compress=[prune],[quant]"
-    run_cli([sys.executable, "run.py", "-m", *TINY, "trainer=ddp", "data.batch_size=2", combos], tmp_path)
+    run_cli(
+        [sys.executable, "run.py", "-m", *TINY, "trainer=ddp", "report=fast", "data.batch_size=2", combos],
+        tmp_path,
+    )
     out = tmp_path / "out"
     assert not (out / "runs").exists()  # no rank re-ran the sweep as a single run
     (sweep,) = (out / "multiruns").iterdir()

@@ -108,7 +108,9 @@ def test_model_dir_is_the_trained_network_or_not_written(compose, model, compres
     from lightcook.export import load_compressed
 
     summary = train(
-        compose(f"model={model}", "trainer=fast", f"+compress={compress}", "validate_before=false")
+        compose(
+            f"model={model}", "trainer=fast", "report=fast", f"+compress={compress}", "validate_before=false"
+        )
     )
     run = Path(summary["run_dir"])
     assert json.loads((run / "summary.json").read_text())["loadable_model"] == summary["loadable_model"]
@@ -290,7 +292,7 @@ def test_cli_wandb_gets_the_report_table_plots_cards_and_the_exports_as_an_artif
     from tests.app.test_sweeps import _wandb_records
 
     args = ["model=tiny_llama", "trainer=fast", "logger=wandb", "+compress=[quant]", "validate_before=false"]
-    args += ["report.formats=[gguf]", "report.measure_speed=false"]
+    args += ["report.formats=[gguf]", "report=fast"]
     _run_cli(args, tmp_path)
     (run,) = (tmp_path / "out" / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())

@@ -440,6 +440,7 @@ def test_app_plus_compress_kd_logs_kd_terms(compose):
     cfg = compose(
         "model=tiny_llama",
         "trainer=fast",
+        "report=fast",
         "trainer.max_steps=2",
         "trainer.limit_val_batches=1",
         "data.batch_size=2",

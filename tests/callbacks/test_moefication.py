@@ -486,7 +486,7 @@ def test_app_moe_run_exports_a_loadable_moe_model(compose):
         "compress.moe.router_steps=20",
         "compress.moe.calibration_batches=2",
     ]
-    summary = train(compose("model=tiny_llama", "trainer=fast", "+compress=[moe]", *trim))
+    summary = train(compose("model=tiny_llama", "trainer=fast", "report=fast", "+compress=[moe]", *trim))
     run = Path(summary["run_dir"])
     assert summary["train_steps"] == 3
     exports = json.loads((run / "summary.json").read_text())["exports"]

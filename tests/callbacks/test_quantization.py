@@ -505,7 +505,7 @@ def test_app_quant_run_exports_a_loadable_int8_model(compose):
     from lightcook.export import load_compressed
 
     trim = ["trainer.max_steps=2", "trainer.limit_val_batches=1", "validate_before=false", "save_model=false"]
-    summary = train(compose("model=tiny_llama", "trainer=fast", "+compress=[quant]", *trim))
+    summary = train(compose("model=tiny_llama", "trainer=fast", "report=fast", "+compress=[quant]", *trim))
     export = Path(summary["exports"]["compressed"])
     assert export == Path(summary["run_dir"]) / "compressed" and summary["train_steps"] == 2
     on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())

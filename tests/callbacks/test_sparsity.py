@@ -493,6 +493,7 @@ def test_app_prune_run_exports_2to4(tmp_path):
         [
             "model=tiny_llama",
             "trainer=fast",
+            "report=fast",
             "+compress=[prune]",
             f"paths.output_dir={tmp_path}",
             "callbacks=none",

@@ -599,6 +599,7 @@ def test_fast_app_run_short_of_the_target_warns_and_records_both(compose):
     cfg = compose(
         "model=tiny_llama",
         "trainer=fast",
+        "report=fast",
         "+compress=[structured]",
         "trainer.max_steps=3",
         "trainer.limit_val_batches=1",

@@ -39,7 +39,7 @@ def w4_run(tmp_path_factory) -> dict:
             "compress.quant.activations=none",
             "validate_before=false",
             "report.formats=[compressed-tensors,gguf]",
-            "report.measure_speed=false",
+            "report=fast",
             f"paths.output_dir={out}",
         ]
     )

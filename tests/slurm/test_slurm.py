@@ -26,6 +26,7 @@ STEPS = 40
 JOB = [
     "model=tiny_llama",
     "trainer=fast",
+    "report=fast",
     "trainer.strategy=ddp",
     f"trainer.max_steps={STEPS}",
     "trainer.val_check_interval=20",
