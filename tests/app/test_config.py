@@ -46,3 +46,33 @@ def test_good_selections_pass_and_names_are_the_files():
     check_compress_overrides(["+compress=[quant],[quant,prune]", "~compress", "model=tiny_llama"])
     assert compress_names() == sorted(p.stem for p in (CONFIG_DIR / "compress").glob("*.yaml"))
     assert CONFIG_DIR.joinpath("config.yaml").is_file()
+
+
+def test_unknown_experiment_lists_the_available_recipes():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=r"experiment/w4a8_kdd") as err:
+        compose_config(["experiment=w4a8_kdd"])
+    for recipe in ("w8a8", "w4a8_kd", "w2_kd", "sparse24_kd", "structured25_kd", "structured50_kd"):
+        assert f"\t{recipe}\n" in str(err.value)
+
+
+RECIPES = ["w8a8", "w4a8_kd", "w2_kd", "sparse24_kd", "structured25_kd", "structured50_kd", "moe25"]
+RECIPES += ["sparse24_w8a8_kd", "pdqm"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_share_the_budget_and_kd_ones_a_finetuned_teacher(recipe):
+    cfg = compose_config([f"experiment={recipe}"])
+    assert cfg.trainer.max_steps == 40 and cfg.model.lr == 1e-4 and cfg.report.eval_batches == 8
+    if "kd" in cfg.compress:  # the recovery stage distils from the dense model fine-tuned as long
+        assert cfg.compress.kd.teacher == "finetune"
+        assert cfg.compress.kd.teacher_steps == cfg.trainer.max_steps
+        assert cfg.compress.kd.start_from_teacher
+    # the one-shot start of each technique, not the trainable-from-scratch default
+    starts = {"prune": ("criterion", "sparsegpt"), "quant": ("init", "gptq"), "structured": ("init", "obs")}
+    for technique, (key, value) in starts.items():
+        if technique in cfg.compress:
+            assert cfg.compress[technique][key] == value
+    if "moe" in cfg.compress:
+        assert cfg.compress.moe.split == "carve"
