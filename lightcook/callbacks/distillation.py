@@ -212,7 +212,8 @@ class DistillationCallback(CompressionCallback):
     def prepare_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
         teacher = self._build_teacher(trainer, pl_module)
         with self._prefixed():
-            self.plan = prepare_(self.network(pl_module), teacher, self.config)
+            device = trainer.strategy.root_device if trainer is not None else None
+            self.plan = prepare_(self.network(pl_module), teacher, self.config, device=device)
         self._teacher_model = teacher
         if len(self.plan.projections):
             self._register_projections(pl_module, self.plan.projections)

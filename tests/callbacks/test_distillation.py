@@ -496,7 +496,7 @@ def test_kd_yaml_lists_and_comments_every_argument():
             {"hidden_scale": 1.0, "hidden_map": ["[mid]a:b"]},
             r"^compress.kd.hidden_map\[0\]: unknown point \[mid\]",
         ),
-        ({"teacher_dtype": "int8"}, r"^compress.kd.teacher_dtype: got 'int8'; allowed: None, 'float32'"),
+        ({"teacher_dtype": "int8"}, r"^compress.kd.teacher_dtype: got 'int8'; allowed: None, 'auto', 'float32'"),
         ({"temperature": 0}, r"^compress.kd.temperature: must be > 0"),
         ({"attention_kind": "l1"}, r"^compress.kd.attention_kind: got 'l1'; allowed: 'mse', 'kl'"),
         (

@@ -18,6 +18,7 @@ from lightcook.ops.distill import (
     parse_hidden_map,
     prepare_,
     real_positions,
+    resolve_teacher_dtype,
     starting_copy,
     teacher_inputs,
     token_contrastive_loss,
@@ -246,7 +247,7 @@ def test_parse_hidden_map_defaults_to_post():
         ({"contrastive_scale": float("nan")}, r"^contrastive_scale: must be a finite number"),
         ({"temperature": -1.0}, r"^temperature: must be > 0.0, got -1.0"),
         ({"contrastive_temperature": "hot"}, r"^contrastive_temperature: must be a number"),
-        ({"teacher_dtype": "int4"}, r"^teacher_dtype: got 'int4'; allowed: None, 'float32'"),
+        ({"teacher_dtype": "int4"}, r"^teacher_dtype: got 'int4'; allowed: None, 'auto', 'float32'"),
         ({"memory_bank_size": 1.5}, r"^memory_bank_size: must be an integer"),
         ({"hidden_scale": 1.0, "hidden_map": ["a:b:c"]}, r"^hidden_map\[0\]: 'a:b:c' is not"),
         ({"attention_layers": "all"}, r"^attention_layers: expected 'uniform' or a non-empty list"),
@@ -390,3 +391,18 @@ def test_memory_bank_keeps_the_newest_and_real_positions():
     seq2seq = real_positions(batch, labels, encoder_decoder=True)
     assert seq2seq["encoder"].tolist() == [[True, True, True, False]]
     assert seq2seq["decoder"].tolist() == [[False, True, True, True]]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("bf16", torch.bfloat16), ("fp16", torch.float16), (None, None)]
+)
+def test_teacher_dtype_casts_the_teacher_and_auto_follows_the_device(name, expected):
+    from lightcook.ops.kernels import bf16_supported
+
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    prepare_(student, teacher, KDConfig(teacher_dtype=name))
+    assert teacher.weight.dtype == (expected or torch.float32) and student.weight.dtype == torch.float32
+    auto = torch.nn.Linear(4, 3)
+    prepare_(student, auto, KDConfig(teacher_dtype="auto"), device="cpu")
+    native = bf16_supported("cpu")
+    assert auto.weight.dtype == (torch.bfloat16 if native else torch.float32) == resolve_teacher_dtype("auto")
