@@ -122,6 +122,35 @@ def row(label: str, steps: str, overrides: list[str], dense: dict, out: Path, cu
     ]  # fmt: skip
 
 
+def write_docs(rows: list, curves: dict, points: list, dense_curve: dict, started: float) -> None:
+    """The "Recipes" section of docs/benchmarks.md and its two figures, from the rows so far."""
+    heads = ["recipe", "steps (teacher + recovery)", "val ppl before training", "teacher ppl", "ppl", "dense FT, same steps",
+             "ratio", "target", "met", "bytes", "x dense fp32", "decode vs bf16", "wall min"]  # fmt: skip
+    curves = {**curves, "dense fine-tuned": sorted(dense_curve.items())}
+    fig = curves_figure(curves, xlabel="training tokens (teacher stage included)", ylabel="held-out ppl",
+                        title="recipes: ppl over training tokens", size=(7.0, 4.5))  # fmt: skip
+    figures = [save_figure(fig, BENCHMARKS_MD.parent / "recipes.png")]
+    fig = scatter_figure(
+        points, xlabel="MB of the export", ylabel="held-out ppl", title="recipes: ppl over bytes"
+    )
+    figures.append(save_figure(fig, BENCHMARKS_MD.parent / "recipes_bytes.png"))
+    lines = [
+        *header("recipes.py", wall=time.time() - started),
+        "",
+        "Each row: `python run.py experiment=<recipe>` at that budget (the recipe's own command; KD recipes "
+        "fine-tune the dense teacher for as many steps first and start the student from it). Dense FT: "
+        "`run.py +recipe=budget` for the same total steps and tokens (4 x 128 per step). Held-out ppl "
+        "over 8 validation batches (4,064 tokens); bytes and decode speed (batch 1, 16 new tokens, vs "
+        "dense bf16, interleaved medians) from the run's report.json.",
+        "",
+        *table(heads, rows),
+        "",
+        *[f"![{p.stem}]({p.name})" for p in figures],
+    ]
+    write_section(BENCHMARKS_MD, "Recipes", "\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipes", nargs="*", help=f"default: all of {recipes()}")
@@ -158,31 +187,9 @@ def main() -> None:
                 ]
             for label, run_overrides, shown in variants:
                 rows.append(row(label, shown, run_overrides, dense[total], args.out, curves, points))
-    heads = ["recipe", "steps (teacher + recovery)", "val ppl before training", "teacher ppl", "ppl", "dense FT, same steps",
-             "ratio", "target", "met", "bytes", "x dense fp32", "decode vs bf16", "wall min"]  # fmt: skip
-    curves["dense fine-tuned"] = sorted(dense_curve.items())
-    fig = curves_figure(curves, xlabel="training tokens (teacher stage included)", ylabel="held-out ppl",
-                        title="recipes: ppl over training tokens", size=(7.0, 4.5))  # fmt: skip
-    figures = [save_figure(fig, BENCHMARKS_MD.parent / "recipes.png")]
-    fig = scatter_figure(
-        points, xlabel="MB of the export", ylabel="held-out ppl", title="recipes: ppl over bytes"
-    )
-    figures.append(save_figure(fig, BENCHMARKS_MD.parent / "recipes_bytes.png"))
-    lines = [
-        *header("recipes.py", wall=time.time() - started),
-        "",
-        "Each row: `python run.py experiment=<recipe>` at that budget (the recipe's own command; KD recipes "
-        "fine-tune the dense teacher for as many steps first and start the student from it). Dense FT: "
-        "`run.py +recipe=budget` for the same total steps and tokens (4 x 128 per step). Held-out ppl "
-        "over 8 validation batches (4,064 tokens); bytes and decode speed (batch 1, 16 new tokens, vs "
-        "dense bf16, interleaved medians) from the run's report.json.",
-        "",
-        *table(heads, rows),
-        "",
-        *[f"![{p.stem}]({p.name})" for p in figures],
-    ]
-    write_section(BENCHMARKS_MD, "Recipes", "\n".join(lines))
-    print("\n".join(lines))
+                write_docs(
+                    rows, curves, points, dense_curve, started
+                )  # after every row: a stopped run keeps its rows
 
 
 if __name__ == "__main__":
