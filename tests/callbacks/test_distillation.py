@@ -496,7 +496,10 @@ def test_kd_yaml_lists_and_comments_every_argument():
             {"hidden_scale": 1.0, "hidden_map": ["[mid]a:b"]},
             r"^compress.kd.hidden_map\[0\]: unknown point \[mid\]",
         ),
-        ({"teacher_dtype": "int8"}, r"^compress.kd.teacher_dtype: got 'int8'; allowed: None, 'auto', 'float32'"),
+        (
+            {"teacher_dtype": "int8"},
+            r"^compress.kd.teacher_dtype: got 'int8'; allowed: None, 'auto', 'float32'",
+        ),
         ({"temperature": 0}, r"^compress.kd.temperature: must be > 0"),
         ({"attention_kind": "l1"}, r"^compress.kd.attention_kind: got 'l1'; allowed: 'mse', 'kl'"),
         (
@@ -510,7 +513,10 @@ def test_kd_yaml_lists_and_comments_every_argument():
         ({"memory_bank_size": -1}, r"^compress.kd.memory_bank_size: must lie in \[0, inf\]"),
         ({"projection": "yes"}, r"^compress.kd.projection: got 'yes'; allowed: True, False"),
         ({"teacher": ""}, r"^compress.kd.teacher: 'student' or a model path"),
-        ({"tempreature": 2.0}, r"^compress.kd.tempreature: unknown key; allowed: teacher, teacher_steps, start_from_teacher, teacher_dtype"),
+        (
+            {"tempreature": 2.0},
+            r"^compress.kd.tempreature: unknown key; allowed: teacher, teacher_steps, start_from_teacher, teacher_dtype",
+        ),
         ({"logits_scale": 0.0, "name": "kd2"}, r"^compress.kd2.logits_scale: every distillation scale is 0"),
         ({"targets": ["*.mlp.*"]}, r"^compress.kd.targets: distillation selects no modules"),
         (
