@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -54,15 +55,8 @@ def recipes() -> list[str]:
     )
 
 
-def run(overrides: list[str], out: Path) -> dict:
-    """``run.py <overrides>`` with its outputs under ``out``; the run's summary.json (and report.json)."""
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "LIGHTCOOK_OUTPUT_DIR": str(out)}
-    with open(out / "run.log", "w") as log:
-        subprocess.run(
-            [sys.executable, "run.py", *overrides], cwd=ROOT, env=env, stdout=log, stderr=log, check=True
-        )
-    (summary_path,) = sorted(out.glob("runs/*/summary.json"))
+def load(summary_path: Path) -> dict:
+    """A run's summary.json, with its report.json (``{}`` when the run wrote none) under ``report``."""
     summary = json.loads(summary_path.read_text())
     report = summary_path.parent / "report.json"
     summary["report"] = json.loads(report.read_text()) if report.exists() else {}
@@ -70,24 +64,25 @@ def run(overrides: list[str], out: Path) -> dict:
 
 
 def cached(overrides: list[str], out: Path) -> dict:
-    """:func:`run`, or the summary a previous call with the same overrides left in ``out``."""
+    """``run.py <overrides>`` with its outputs under ``out`` (:func:`load`), or what an earlier call with
+    the same overrides left there."""
     done = sorted(out.glob("runs/*/summary.json"))
     if (
         done
         and (out / "overrides.json").exists()
         and json.loads((out / "overrides.json").read_text()) == overrides
     ):
-        summary = json.loads(done[0].read_text())
-        report = done[0].parent / "report.json"
-        summary["report"] = json.loads(report.read_text()) if report.exists() else {}
-        return summary
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    summary = run(overrides, out)
+        return load(done[0])
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = {**os.environ, "LIGHTCOOK_OUTPUT_DIR": str(out)}
+    with open(out / "run.log", "w") as log:
+        subprocess.run(
+            [sys.executable, "run.py", *overrides], cwd=ROOT, env=env, stdout=log, stderr=log, check=True
+        )
+    (summary_path,) = sorted(out.glob("runs/*/summary.json"))
     (out / "overrides.json").write_text(json.dumps(overrides))
-    return summary
+    return load(summary_path)
 
 
 STUDENT_TEACHER = [
@@ -97,7 +92,9 @@ STUDENT_TEACHER = [
 ]
 
 
-def row(label: str, steps: str, overrides: list[str], dense: dict, out: Path, curves, points) -> list:
+def row(
+    label: str, steps: str, total: int, overrides: list[str], dense: dict, out: Path, curves, points
+) -> list:
     """Run (or reuse) one recipe variant; its table row, its point on the curves and the bytes plot."""
     slug = label.replace(", ", "-").replace(" ", "_")
     summary = cached(overrides, out / f"{slug}-{steps.replace(' + ', '+')}")
@@ -110,7 +107,6 @@ def row(label: str, steps: str, overrides: list[str], dense: dict, out: Path, cu
     target = TARGETS.get(label)
     met = "—" if target is None else ("yes" if ratio <= target else f"no (+{ratio - target:.2f})")
     stage = summary.get("teacher_stage") or {}
-    total = int(steps.split(" + ")[-1]) + (int(steps.split(" + ")[0]) if " + " in steps else 0)
     curves.setdefault(label, []).append((total * TOKENS_PER_STEP, ppl))
     if bytes_ratio is not None:
         points.append((size["measured"] / 1e6, ppl, f"{label} ({steps})"))
@@ -186,7 +182,7 @@ def main() -> None:
                     (f"{name}, KD from the pretrained model", [*same, *STUDENT_TEACHER], f"0 + {total}"),
                 ]
             for label, run_overrides, shown in variants:
-                rows.append(row(label, shown, run_overrides, dense[total], args.out, curves, points))
+                rows.append(row(label, shown, total, run_overrides, dense[total], args.out, curves, points))
                 write_docs(
                     rows, curves, points, dense_curve, started
                 )  # after every row: a stopped run keeps its rows
